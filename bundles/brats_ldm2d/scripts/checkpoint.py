@@ -85,6 +85,7 @@ class ResumableCheckpoint:
         save_interval: save every N epochs.
         map_location: where tensors are mapped on load; defaults to the CPU.
         resume: set ``False`` to ignore an existing checkpoint (it is then overwritten).
+        extra: plain values stored with the checkpoint (e.g. the latent ``scale_factor``).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class ResumableCheckpoint:
         save_interval: int = 1,
         map_location: str | torch.device | None = None,
         resume: bool = True,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}.")
@@ -102,6 +104,7 @@ class ResumableCheckpoint:
         self.save_interval = save_interval
         self.map_location = map_location if map_location is not None else "cpu"
         self.resume = resume
+        self.extra = dict(extra or {})
         self._saved_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -113,6 +116,7 @@ class ResumableCheckpoint:
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         """Collect the state of every object plus the engine's epoch and iteration."""
         state: dict[str, Any] = {name: unwrap_module(obj).state_dict() for name, obj in self.save_dict.items()}
+        state.update(self.extra)
         state["epoch"] = int(engine.state.epoch)
         state["iteration"] = int(engine.state.iteration)
         return state

@@ -76,7 +76,7 @@ def to_display(image: np.ndarray) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    tmp = path.with_name(f".tmp-{path.name}")
     write(tmp)
     os.replace(tmp, path)
 
@@ -112,12 +112,17 @@ def generate_samples(
     device: torch.device | str,
     output_dir: str | os.PathLike,
     output_prefix: str = "sample",
+    settings: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """
-    Sample ``num_output_samples`` slices and write each as NIfTI and PNG.
+    Sample ``num_output_samples`` slices, write each as NIfTI and PNG, and write ``inference_report.json``.
 
     Sample ``i`` starts from noise drawn with seed ``random_seed + i``, so a sample does not depend on how
-    many others are generated with it, and the same seed always gives the same image.
+    many others are generated with it, and the same seed always gives the same image. Values are clipped
+    to [0, 1], the intensity range of the training data.
+
+    Args:
+        settings: the run's settings, copied into the report.
 
     Returns:
         One record per sample: file paths, seed, shape and value range.
@@ -143,6 +148,7 @@ def generate_samples(
             }
         )
         logger.info("wrote %s", nii_path)
+    write_report(Path(output_dir) / "inference_report.json", {"settings": dict(settings or {}), "samples": records})
     return records
 
 

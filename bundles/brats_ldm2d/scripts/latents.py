@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
 from .checkpoint import LAST_CHECKPOINT_NAME, unwrap_module
@@ -58,7 +59,7 @@ def encode_volume_slices(
     encoder = unwrap_module(autoencoder).eval()
     cache: list[dict[str, torch.Tensor]] = []
     for item in tqdm(volumes, desc="encoding slices", unit="volume", disable=None):
-        volume = torch.as_tensor(item[image_key])
+        volume = convert_to_tensor(item[image_key], track_meta=False)
         volume = volume if volume.ndim == 5 else volume[None]
         slices = volume.permute(0, 4, 1, 2, 3).flatten(0, 1)  # (B*D, C, H, W)
         for start in range(0, slices.shape[0], batch_size):
@@ -84,10 +85,15 @@ def compute_scale_factor(latent_cache: list[Mapping[str, torch.Tensor]], seed: i
     return 1.0 / std
 
 
-def resolve_scale_factor(latent_cache: list[Mapping[str, torch.Tensor]], ckpt_dir: str | os.PathLike) -> float:
+def resolve_scale_factor(
+    latent_cache: list[Mapping[str, torch.Tensor]], ckpt_dir: str | os.PathLike, pretrained_scale_factor: float | None = None
+) -> float:
     """
-    Compute the scale factor once per training run: reuse the one stored in ``<ckpt_dir>/checkpoint_last.pt``
-    when resuming, otherwise compute it from ``latent_cache``.
+    Compute the latent scale factor once per model.
+
+    The factor stored in ``<ckpt_dir>/checkpoint_last.pt`` wins when resuming; then the factor of the
+    checkpoint being fine-tuned (``pretrained_scale_factor``); only a fresh training computes it from
+    ``latent_cache``.
     """
     checkpoint_file = Path(ckpt_dir) / LAST_CHECKPOINT_NAME
     if checkpoint_file.is_file():
@@ -96,6 +102,9 @@ def resolve_scale_factor(latent_cache: list[Mapping[str, torch.Tensor]], ckpt_di
             scale_factor = float(checkpoint["scale_factor"])
             logger.info("latent scale factor %.6f (from %s)", scale_factor, checkpoint_file)
             return scale_factor
+    if pretrained_scale_factor is not None:
+        logger.info("latent scale factor %.6f (from the fine-tuned checkpoint)", pretrained_scale_factor)
+        return float(pretrained_scale_factor)
     scale_factor = compute_scale_factor(latent_cache)
     logger.info("latent scale factor %.6f (computed from %d slices)", scale_factor, len(latent_cache))
     return scale_factor
