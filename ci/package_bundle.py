@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "configs/metadata.json"
 EXCLUDED_NAMES = frozenset({"__pycache__", ".pytest_cache"})
-EXCLUDED_SUFFIXES = (".nothing",)
+EXCLUDED_SUFFIXES = (".pyc",)
 GENERATED_DIRS = frozenset({"models", "eval", "runs", "output"})
 ZIP_DATE_TIME = (2022, 5, 30, 0, 0, 0)
 FILE_MODE = 0o644
@@ -103,6 +103,7 @@ def build_bundle_zip(bundle_dir: Path, out_dir: Path) -> Path:
                     compress_type=zipfile.ZIP_DEFLATED,
                     compresslevel=COMPRESS_LEVEL,
                 )
+        tmp_path.chmod(FILE_MODE)
         os.replace(tmp_path, zip_path)
     finally:
         tmp_path.unlink(missing_ok=True)

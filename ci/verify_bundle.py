@@ -92,13 +92,13 @@ def verify_bundle(bundle_dir: Path) -> None:
     if not bundle_dir.is_dir():
         raise BundleVerificationError(bundle_dir, [f"{bundle_dir} is not a directory"])
     problems = check_required_files(bundle_dir)
-    configs, config_problems = load_configs(bundle_dir)
+    stacks, config_problems = load_configs(bundle_dir)
     problems += config_problems
-    metadata = configs.get(METADATA_FILE)
+    metadata = _read_json(bundle_dir / METADATA_FILE) if METADATA_FILE in stacks else None
     if metadata is not None:
         problems += check_metadata(bundle_dir, metadata)
     problems += check_large_files(bundle_dir)
-    problems += check_networks(bundle_dir, configs, metadata)
+    problems += check_networks(bundle_dir, stacks, metadata)
     if problems:
         # a network that fails to build is reported once even when several checks need it
         raise BundleVerificationError(bundle_dir, list(dict.fromkeys(problems)))
@@ -122,12 +122,15 @@ def check_required_files(bundle_dir: Path) -> list[str]:
     return [f"{name}: required file is missing" for name in REQUIRED_FILES if not (bundle_dir / name).is_file()]
 
 
-def load_configs(bundle_dir: Path) -> tuple[dict[str, dict], list[str]]:
+def load_configs(bundle_dir: Path) -> tuple[dict[str, tuple[str, ...]], list[str]]:
     """
-    Load every ``configs/*.json`` as strict JSON and with MONAI's ``ConfigParser``.
+    Check that every ``configs/*.json`` is strict JSON and that MONAI's ``ConfigParser`` reads it.
 
     Strict means no duplicate keys and no ``NaN``/``Infinity`` constants, which Python's ``json``
-    accepts but other JSON readers do not.
+    accepts but other JSON readers do not. A config whose ``"<id>#<key>"`` entries only merge into a
+    base config (a ``multi_gpu_*`` overlay, or e.g. a diffusion config layered on an autoencoder
+    config) is read on top of the first other config that makes it readable: for
+    ``multi_gpu_<name>.json`` that is ``<name>.json`` if possible, else by file name.
 
     Parameters
     ----------
@@ -137,23 +140,21 @@ def load_configs(bundle_dir: Path) -> tuple[dict[str, dict], list[str]]:
     Returns
     -------
     tuple
-        the readable configs by bundle-relative path (``configs/<name>.json``) and the problems found.
+        for each readable config (bundle-relative path ``configs/<name>.json``) the config files MONAI
+        reads for it, its bases first and itself last; and the problems found.
     """
-    configs: dict[str, dict] = {}
+    readable: list[str] = []
     problems: list[str] = []
     for path in sorted((bundle_dir / "configs").glob("*.json")):
         relpath = path.relative_to(bundle_dir).as_posix()
         try:
-            text = path.read_text(encoding="utf-8")
-            content = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-            if not isinstance(content, dict):
-                raise ValueError(f"top level must be a JSON object, got {type(content).__name__}")
-            ConfigParser().read_config(f=str(path))
+            _read_json(path)
         except (ValueError, UnicodeDecodeError) as exc:
             problems.append(f"{relpath}: not a valid JSON config: {exc}")
-            continue
-        configs[relpath] = content
-    return configs, problems
+        else:
+            readable.append(relpath)
+    stacks, stack_problems = _stack_configs(bundle_dir, readable)
+    return stacks, problems + stack_problems
 
 
 def check_metadata(bundle_dir: Path, metadata: Mapping[str, Any]) -> list[str]:
@@ -229,7 +230,9 @@ def check_large_files(bundle_dir: Path) -> list[str]:
     return problems
 
 
-def check_networks(bundle_dir: Path, configs: Mapping[str, dict], metadata: Mapping[str, Any] | None) -> list[str]:
+def check_networks(
+    bundle_dir: Path, stacks: Mapping[str, Sequence[str]], metadata: Mapping[str, Any] | None
+) -> list[str]:
     """
     Instantiate every network definition and run the forward passes that the metadata declares.
 
@@ -241,8 +244,8 @@ def check_networks(bundle_dir: Path, configs: Mapping[str, dict], metadata: Mapp
     ----------
     bundle_dir
         root of the bundle, temporarily put on ``sys.path`` so configs can refer to ``scripts.*``.
-    configs
-        the readable configs by bundle-relative path, as returned by :func:`load_configs`.
+    stacks
+        the config files to read for each readable config, as returned by :func:`load_configs`.
     metadata
         the parsed metadata, or ``None`` when it is not readable.
 
@@ -251,19 +254,27 @@ def check_networks(bundle_dir: Path, configs: Mapping[str, dict], metadata: Mapp
     list of str
         the problems found.
     """
-    runnable = {relpath: content for relpath, content in configs.items() if _is_runnable_config(relpath)}
+    meta_file = bundle_dir / METADATA_FILE if metadata is not None else None
     problems = []
     with _importable_bundle(bundle_dir):
-        builder = _NetworkBuilder(bundle_dir, bundle_dir / METADATA_FILE if metadata is not None else None)
-        for relpath, content in runnable.items():
-            for net_id in _definition_ids(content):
+        parsers = {}
+        for relpath, files in stacks.items():
+            if not _is_runnable_config(relpath):
+                continue
+            try:
+                parsers[relpath] = _bundle_parser(bundle_dir, files, meta_file)
+            except Exception as exc:  # MONAI raises many types for unresolvable macros and ids
+                problems.append(f"{relpath}: ConfigParser cannot parse it: {_root_cause(exc)}")
+        builder = _NetworkBuilder()
+        for relpath, parser in parsers.items():
+            for net_id in _definition_ids(parser.get()):
                 try:
-                    builder.build(relpath, net_id)
+                    builder.build(parser, net_id, relpath)
                 except Exception as exc:  # any error of user code is a problem to report
                     problems.append(_build_problem(relpath, net_id, exc))
         for key, data_format in (metadata or {}).items():
             if key.endswith(DATA_FORMAT_SUFFIX):
-                problems += _data_format_problems(builder, runnable, key, data_format)
+                problems += _data_format_problems(builder, parsers, key, data_format)
     return problems
 
 
@@ -273,36 +284,21 @@ class _NetworkBuilder:
 
     Two definitions are the same when they have the same id and the same config content,
     including the content of every item they refer to.
-
-    Parameters
-    ----------
-    bundle_dir
-        root of the bundle, set as the configs' ``bundle_root``.
-    meta_file
-        metadata to read into each parser (so configs may refer to ``@_meta_#...``), or ``None``.
     """
 
-    def __init__(self, bundle_dir: Path, meta_file: Path | None) -> None:
-        self._bundle_dir = bundle_dir
-        self._meta_file = meta_file
+    def __init__(self) -> None:
         self._built: dict[str, Any] = {}
         self._failed: dict[str, Exception] = {}
 
-    def build(self, relpath: str, net_id: str) -> Any:
+    def build(self, parser: ConfigParser, net_id: str, relpath: str) -> Any:
         """
-        Return the instance of ``net_id`` defined in the config ``relpath``.
+        Return the instance of ``net_id`` as defined by ``parser``, read from the config ``relpath``.
 
         Raises
         ------
         Exception
             whatever building the item raised, again for each later request of the same definition.
         """
-        parser = ConfigParser()
-        parser.read_config(f=str(self._bundle_dir / relpath))
-        if self._meta_file is not None:
-            parser.read_meta(f=str(self._meta_file))
-        parser["bundle_root"] = str(self._bundle_dir)
-        parser.parse()
         key = _fingerprint(parser, net_id)
         if key in self._failed:
             raise self._failed[key]
@@ -314,6 +310,14 @@ class _NetworkBuilder:
                 self._failed[key] = exc
                 raise
         return self._built[key]
+
+
+def _read_json(path: Path) -> Any:
+    """Strict JSON content of a file whose top level is an object."""
+    content = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    if not isinstance(content, dict):
+        raise ValueError(f"top level must be a JSON object, got {type(content).__name__}")
+    return content
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -328,6 +332,60 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _no_constant(name: str) -> Any:
     """``parse_constant`` for ``json.loads`` that rejects ``NaN``, ``Infinity`` and ``-Infinity``."""
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_error(bundle_dir: Path, files: Sequence[str]) -> str | None:
+    """Why ``ConfigParser.read_config`` fails on ``files`` read in order, ``None`` if it does not."""
+    try:
+        ConfigParser().read_config(f=[str(bundle_dir / relpath) for relpath in files])
+    except Exception as exc:  # MONAI raises KeyError, ValueError, ... for unreadable content
+        return _root_cause(exc)
+    return None
+
+
+def _stack_configs(bundle_dir: Path, relpaths: Sequence[str]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """Find the files to read for each config: itself alone, or on top of another (possibly layered) config."""
+    stacks: dict[str, tuple[str, ...]] = {}
+    errors: dict[str, str] = {}
+    for relpath in relpaths:
+        error = _read_error(bundle_dir, [relpath])
+        if error is None:
+            stacks[relpath] = (relpath,)
+        else:
+            errors[relpath] = error
+    layered = True
+    while errors and layered:
+        layered = False
+        for relpath in list(errors):
+            bases = sorted(filter(_is_runnable_config, stacks), key=lambda base: _base_order(relpath, base))
+            base = next((base for base in bases if _read_error(bundle_dir, [*stacks[base], relpath]) is None), None)
+            if base is not None:
+                stacks[relpath] = (*stacks[base], relpath)
+                del errors[relpath]
+                layered = True
+                logger.info("%s is read on top of %s", relpath, ", ".join(stacks[base]))
+    problems = [
+        f"{relpath}: ConfigParser cannot read it, alone or on top of another config: {error}"
+        for relpath, error in errors.items()
+    ]
+    return dict(sorted(stacks.items())), problems
+
+
+def _base_order(relpath: str, base: str) -> tuple[bool, str]:
+    """Sort key of candidate bases: ``<name>.json`` first for ``multi_gpu_<name>.json``, then by name."""
+    name = PurePosixPath(relpath).name
+    return PurePosixPath(base).name != name.removeprefix(OVERLAY_PREFIX), base
+
+
+def _bundle_parser(bundle_dir: Path, files: Sequence[str], meta_file: Path | None) -> ConfigParser:
+    """A parsed ``ConfigParser`` of ``files`` with ``bundle_root`` set to ``bundle_dir``."""
+    parser = ConfigParser()
+    parser.read_config(f=[str(bundle_dir / relpath) for relpath in files])
+    if meta_file is not None:
+        parser.read_meta(f=str(meta_file))
+    parser["bundle_root"] = str(bundle_dir)
+    parser.parse()
+    return parser
 
 
 def _schema_problems(meta_file: Path, schema_file: Path, metadata: Mapping[str, Any]) -> list[str]:
@@ -399,7 +457,7 @@ def _large_file_problems(entry: Any) -> list[str]:
 
 
 def _is_runnable_config(relpath: str) -> bool:
-    """Whether the networks of a config are built: not the metadata, not a ``multi_gpu_*`` overlay."""
+    """Whether a config's networks are built and it may be a base: not the metadata, not a ``multi_gpu_*`` overlay."""
     return relpath != METADATA_FILE and not PurePosixPath(relpath).name.startswith(OVERLAY_PREFIX)
 
 
@@ -456,13 +514,13 @@ def _build_problem(relpath: str, net_id: str, exc: Exception) -> str:
 
 
 def _data_format_problems(
-    builder: _NetworkBuilder, configs: Mapping[str, dict], key: str, data_format: Any
+    builder: _NetworkBuilder, parsers: Mapping[str, ConfigParser], key: str, data_format: Any
 ) -> list[str]:
     """Run ``<prefix>_def`` on dummy inputs built from ``<prefix>_data_format`` and compare its outputs."""
     net_id = key[: -len(DATA_FORMAT_SUFFIX)] + DEF_SUFFIX
-    defining = sorted((relpath for relpath, content in configs.items() if net_id in content), key=_config_priority)
+    defining = sorted((relpath for relpath, parser in parsers.items() if net_id in parser.get()), key=_config_priority)
     if not defining:
-        return [f"{METADATA_FILE}: '{key}' describes '{net_id}', which no configs/*.json (but multi_gpu_*) defines"]
+        return [f"{METADATA_FILE}: '{key}' describes '{net_id}', which no config defines (overlays are not searched)"]
     try:
         inputs = dict(data_format["inputs"])
         outputs = dict(data_format["outputs"])
@@ -472,7 +530,7 @@ def _data_format_problems(
         return [f"{METADATA_FILE}: '{key}' cannot be checked: {type(exc).__name__}: {exc}"]
     relpath = defining[0]
     try:
-        net = builder.build(relpath, net_id)
+        net = builder.build(parsers[relpath], net_id, relpath)
     except Exception as exc:  # any error of user code is a problem to report
         return [_build_problem(relpath, net_id, exc)]
     if not isinstance(net, torch.nn.Module):

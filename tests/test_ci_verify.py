@@ -27,6 +27,20 @@ def bundle(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids that ``ConfigParser.get_parsed_content`` is asked for during the test, in order."""
+    requested: list[str] = []
+    original = ConfigParser.get_parsed_content
+
+    def recording(self: ConfigParser, id: str = "", **kwargs: Any) -> Any:
+        requested.append(id)
+        return original(self, id, **kwargs)
+
+    monkeypatch.setattr(ConfigParser, "get_parsed_content", recording)
+    return requested
+
+
 def edit_json(path: Path, change: Callable[[dict], Any]) -> None:
     """Apply ``change`` to the JSON content of ``path`` in place."""
     content = json.loads(path.read_text())
@@ -157,6 +171,17 @@ def test_overlay_is_parsed_not_instantiated(bundle: Path) -> None:
     assert "configs/multi_gpu_train_autoencoder.json: not a valid JSON config" in problems_of(bundle)
 
 
+def test_layered_config_is_read_on_top_of_its_base(bundle: Path, built: list[str]) -> None:
+    layered = bundle / "configs/train_finetune.json"
+    layered.write_text(json.dumps({"optimizer#lr": 1e-5, "autoencoder_def#latent_channels": 3}))
+    verify_bundle(bundle)
+    # the overridden autoencoder is a different definition, so it is built too
+    assert built.count("autoencoder_def") == 2
+    layered.write_text(json.dumps({"scheduler#gamma": 0.5}))
+    message = problems_of(bundle)
+    assert "configs/train_finetune.json: ConfigParser cannot read it, alone or on top of another config" in message
+
+
 def test_definition_with_unknown_target(bundle: Path) -> None:
     edit_json(
         bundle / "configs/inference.json",
@@ -223,7 +248,7 @@ def test_data_format_without_definition(bundle: Path) -> None:
         lambda meta: meta.update(diffusion_data_format=meta["network_data_format"]),
     )
     message = problems_of(bundle)
-    assert "configs/metadata.json: 'diffusion_data_format' describes 'diffusion_def', which no" in message
+    assert "'diffusion_data_format' describes 'diffusion_def', which no config defines" in message
 
 
 @pytest.mark.parametrize(
@@ -265,15 +290,7 @@ def test_every_problem_is_reported_at_once(bundle: Path) -> None:
     assert "3 problem(s)" in str(info.value)
 
 
-def test_definitions_are_built_once(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    built: list[str] = []
-    original = ConfigParser.get_parsed_content
-
-    def recording(self: ConfigParser, id: str = "", **kwargs: Any) -> Any:
-        built.append(id)
-        return original(self, id, **kwargs)
-
-    monkeypatch.setattr(ConfigParser, "get_parsed_content", recording)
+def test_definitions_are_built_once(bundle: Path, built: list[str]) -> None:
     verify_bundle(bundle)
     # identical in inference.json and train_autoencoder.json, also needed by the shape check
     assert built.count("autoencoder_def") == 1
