@@ -98,6 +98,7 @@ def verify_bundle(bundle_dir: Path) -> None:
     if metadata is not None:
         problems += check_metadata(bundle_dir, metadata)
     problems += check_large_files(bundle_dir)
+    problems += check_shared_definitions(bundle_dir, stacks)
     problems += check_networks(bundle_dir, stacks, metadata)
     if problems:
         # a network that fails to build is reported once even when several checks need it
@@ -155,6 +156,39 @@ def load_configs(bundle_dir: Path) -> tuple[dict[str, tuple[str, ...]], list[str
             readable.append(relpath)
     stacks, stack_problems = _stack_configs(bundle_dir, readable)
     return stacks, problems + stack_problems
+
+
+def check_shared_definitions(bundle_dir: Path, stacks: Mapping[str, Sequence[str]]) -> list[str]:
+    """
+    Check that a network definition (``*_def``) written in several configs is the same in each.
+
+    Standalone configs (training and inference) each carry the published architecture, so that a
+    checkpoint written by one loads in the other; this keeps those copies identical.
+
+    Parameters
+    ----------
+    bundle_dir
+        root of the bundle.
+    stacks
+        the readable configs, as returned by :func:`load_configs`.
+
+    Returns
+    -------
+    list of str
+        one problem per definition whose copies differ.
+    """
+    first_seen: dict[str, tuple[str, Any]] = {}
+    problems = []
+    for relpath in sorted(stacks):
+        if not _is_runnable_config(relpath):
+            continue
+        content = _read_json(bundle_dir / relpath)
+        for net_id in _definition_ids(content):
+            if net_id not in first_seen:
+                first_seen[net_id] = (relpath, content[net_id])
+            elif content[net_id] != first_seen[net_id][1]:
+                problems.append(f"{relpath}: '{net_id}' differs from its copy in {first_seen[net_id][0]}")
+    return problems
 
 
 def check_metadata(bundle_dir: Path, metadata: Mapping[str, Any]) -> list[str]:
