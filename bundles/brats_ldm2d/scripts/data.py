@@ -112,3 +112,10 @@ def check_weights_file(name: str, path: str | os.PathLike, bundle_root: str | os
             f"or set --{name} to a checkpoint written by this bundle's training configs."
         )
     return path
+
+
+def check_amp(amp: bool, device: object) -> bool:
+    """Return ``amp`` if mixed precision can run on ``device`` (CUDA only), else raise a ``ValueError`` naming ``amp``."""
+    if amp and str(device).split(":")[0] != "cuda":
+        raise ValueError(f"amp={amp} is not allowed on device={device}; mixed precision needs a CUDA device (set --amp false).")
+    return bool(amp)

@@ -1,0 +1,56 @@
+"""The published zip of brats_ldm2d is self-contained: installed with ``monai.bundle download`` it runs on its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+from bundle_helpers import BUNDLES_DIR, run_bundle
+from ci.package_bundle import build_bundle_zip
+from test_brats_ldm2d import TINY_AUTOENCODER, TINY_DIFFUSION
+
+BUNDLE = BUNDLES_DIR / "brats_ldm2d"
+
+
+def _tiny_network(config: dict, net_id: str, network_class, tiny: dict) -> torch.nn.Module:
+    kwargs = {k: v for k, v in config[net_id].items() if k != "_target_"}
+    kwargs.update({k.split("#")[1]: v for k, v in tiny.items()})
+    return network_class(**kwargs)
+
+
+def test_zip_installs_and_runs_from_its_own_folder(tmp_path):
+    archive = build_bundle_zip(BUNDLE, tmp_path / "dist")
+    version = json.loads((BUNDLE / "configs/metadata.json").read_text())["version"]
+    assert archive.name == f"brats_ldm2d_v{version}.zip"
+
+    install_dir = tmp_path / "installed"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "download", "--name", "brats_ldm2d", "--url", archive.as_uri(),
+         "--bundle_dir", str(install_dir)],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+    )
+    installed = install_dir / "brats_ldm2d"
+    for relpath in ("LICENSE", "large_files.yml", "docs/README.md", "configs/inference.json", "scripts/inference.py"):
+        assert (installed / relpath).read_bytes() == (BUNDLE / relpath).read_bytes()
+    assert not (installed / "models").exists()
+
+    config = json.loads((installed / "configs/inference.json").read_text())
+    torch.manual_seed(0)
+    (installed / "models").mkdir()
+    autoencoder = _tiny_network(config, "autoencoder_def", AutoencoderKL, TINY_AUTOENCODER)
+    torch.save(autoencoder.state_dict(), installed / "models/model_autoencoder.pt")
+    diffusion = _tiny_network(config, "network_def", DiffusionModelUNet, TINY_DIFFUSION)
+    torch.save(diffusion.state_dict(), installed / "models/model.pt")  # the published (plain) format
+
+    overrides = {"latent_shape": [1, 8, 8], "num_inference_steps": 2, **TINY_AUTOENCODER, **TINY_DIFFUSION}
+    result = run_bundle(installed, ["inference.json"], overrides)  # bundle_root "." = the installed folder
+    assert "holds no scale_factor (published format); using 1.0" in result.stdout
+    report = json.loads((installed / "output/inference_report.json").read_text())
+    assert report["settings"]["scale_factor"] == 1.0
+    image = nib.load(installed / "output" / "sample_0000_seed0.nii.gz")
+    assert image.shape == (32, 32, 1)
