@@ -44,6 +44,7 @@ class SharedSource:
 
 
 SHARED_SOURCES = (
+    SharedSource("common/core", "*.py", ("brats_ldm2d", *MAISI_BUNDLES), "scripts"),
     SharedSource("common/maisi/scripts", "*.py", MAISI_BUNDLES, "scripts"),
     SharedSource("common/maisi/data", "*.json", MAISI_BUNDLES, "configs"),
 )
