@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the samplers' per-step progress bars would drown the log
@@ -107,20 +108,28 @@ class Timing:
 
     Attributes:
         mean_s: mean seconds per unit over the timed repetitions.
+        median_s: median seconds per unit (robust to a repetition slowed down by other processes).
         min_s: fastest repetition, seconds per unit.
         max_s: slowest repetition, seconds per unit.
+        samples_s: every timed repetition, seconds per unit, in order.
         repetitions: number of timed repetitions.
         unit: what one figure is per (``iteration``, ``slice`` or ``image``).
         peak_memory_mb: peak memory in MiB (CUDA: the largest ``max_memory_allocated`` of one timed call;
             CPU: the process' maximum resident set size so far, a cumulative high-water mark).
+        cpu_per_wall: process CPU seconds per wall-clock second over the timed calls. On the CPU device it
+            approaches the number of torch threads when the machine is otherwise idle; a much lower value
+            means other processes were competing for the cores.
     """
 
     mean_s: float
+    median_s: float
     min_s: float
     max_s: float
+    samples_s: list[float]
     repetitions: int
     unit: str
     peak_memory_mb: float
+    cpu_per_wall: float
 
 
 @dataclass
@@ -136,6 +145,11 @@ class Comparison:
         return self.reference.mean_s / self.bundle.mean_s
 
     @property
+    def speedup_median(self) -> float:
+        """Reference median time over bundle median time."""
+        return self.reference.median_s / self.bundle.median_s
+
+    @property
     def speedup_min(self) -> float:
         """Reference fastest time over bundle fastest time."""
         return self.reference.min_s / self.bundle.min_s
@@ -146,6 +160,7 @@ class Comparison:
             "bundle": asdict(self.bundle),
             "reference": asdict(self.reference),
             "speedup": self.speedup,
+            "speedup_median": self.speedup_median,
             "speedup_min": self.speedup_min,
         }
 
@@ -197,35 +212,41 @@ def measure_alternating(
         units_per_call: each call's time is divided by this (e.g. slices encoded per call).
 
     Returns:
-        Name to mean, min and max seconds per unit, and the peak memory of its timed calls.
+        Name to the statistics of its timed calls.
     """
     if repetitions < 1:
         raise ValueError(f"repetitions={repetitions} is not allowed; it must be an integer >= 1.")
     for _ in range(warmup):
         for step in steps.values():
             step()
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu = dict.fromkeys(steps, 0.0)
     peaks = dict.fromkeys(steps, 0.0)
     for _ in range(repetitions):
         for name, step in steps.items():
             synchronize(device)
             reset_peak_memory(device)
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             step()
             synchronize(device)
-            seconds[name].append((time.perf_counter() - start) / units_per_call)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name] += time.process_time() - cpu_start
             peaks[name] = max(peaks[name], peak_memory_mb(device))
-    return {
-        name: Timing(
-            mean_s=float(np.mean(values)),
-            min_s=float(np.min(values)),
-            max_s=float(np.max(values)),
+    timings = {}
+    for name, seconds in wall.items():
+        per_unit = [value / units_per_call for value in seconds]
+        timings[name] = Timing(
+            mean_s=float(np.mean(per_unit)),
+            median_s=float(np.median(per_unit)),
+            min_s=float(np.min(per_unit)),
+            max_s=float(np.max(per_unit)),
+            samples_s=per_unit,
             repetitions=repetitions,
             unit=unit,
             peak_memory_mb=peaks[name],
+            cpu_per_wall=cpu[name] / sum(seconds),
         )
-        for name, values in seconds.items()
-    }
+    return timings
 
 
 def measure(
@@ -236,7 +257,11 @@ def measure(
 
 
 def compare(
-    bundle_step: Callable[[], Any], reference_step: Callable[[], Any], device: torch.device, warmup: int, repetitions: int
+    bundle_step: Callable[[], Any],
+    reference_step: Callable[[], Any],
+    device: torch.device,
+    warmup: int,
+    repetitions: int,
 ) -> Comparison:
     """Time this bundle's step against the reference step, alternating, in seconds per iteration."""
     timings = measure_alternating(
@@ -256,7 +281,7 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def import_bundle_scripts() -> Any:
+def import_bundle_scripts() -> ModuleType:
     """Put ``bundles/brats_ldm2d`` on ``sys.path`` and import its ``scripts`` package (the configs need it)."""
     if str(BUNDLE_DIR) not in sys.path:
         sys.path.insert(0, str(BUNDLE_DIR))
@@ -468,6 +493,7 @@ def bench_autoencoder(args: argparse.Namespace, device: torch.device, work_dir: 
         **(TINY_AUTOENCODER | TINY_DISCRIMINATOR if args.tiny else {}),
     }
     parser = load_parser(AUTOENCODER_CONFIGS, overrides)
+    latent_shape_of(parser, args.image_size)  # fail early on an image size the autoencoder cannot reconstruct
     trainer = parser.get_parsed_content("train#trainer")
     batch = {"image": images}
 
@@ -495,10 +521,13 @@ def bench_diffusion(args: argparse.Namespace, device: torch.device, work_dir: Pa
 
     The bundle's per-iteration figure includes fetching the batch from the config's latent data loader
     (``SampleLatentd`` draws the latents from the cached distributions); the reference gets its image batch
-    ready-made on the device.
+    ready-made on the device (its image loading and augmentation are not counted). Both steps are called
+    directly, so neither includes ignite's per-iteration event handling.
     """
     seed_everything(args.seed)
     num_slices = args.encode_slices or 2 * args.batch_size
+    if num_slices < args.batch_size:
+        raise ValueError(f"--encode-slices {num_slices} must be at least the batch size {args.batch_size}.")
     volume_dataset = Dataset([random_volume(num_slices, args.diffusion_image_size, args.seed)])
     overrides = {
         "device": device,
@@ -507,6 +536,7 @@ def bench_diffusion(args: argparse.Namespace, device: torch.device, work_dir: Pa
         "num_workers": 0,
         "train_batch_size_img": 1,
         "train_batch_size_slice": args.batch_size,
+        "train#dataloader#drop_last": True,  # every timed batch is a full one
         "train#volume_dataset": volume_dataset,
         "train#trainer#train_handlers": [],
         **(TINY_AUTOENCODER | TINY_DIFFUSION if args.tiny else {}),
@@ -584,7 +614,15 @@ def bench_sampling(args: argparse.Namespace, device: torch.device, work_dir: Pat
 
     def sample_once() -> Any:
         return scripts.inference.generate_samples(
-            inferer, autoencoder, diffusion, scheduler, latent_shape, 1, next(seeds), device, work_dir / "samples",
+            inferer=inferer,
+            autoencoder=autoencoder,
+            diffusion=diffusion,
+            scheduler=scheduler,
+            latent_shape=latent_shape,
+            num_output_samples=1,
+            random_seed=next(seeds),
+            device=device,
+            output_dir=work_dir / "samples",
             settings=settings,
         )
 
@@ -626,7 +664,11 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
 
 
 def _seconds(timing: Timing) -> str:
-    return f"{timing.mean_s:.4g} (min {timing.min_s:.4g})"
+    return f"{timing.mean_s:.3g} / {timing.median_s:.3g} / {timing.min_s:.3g}"
+
+
+def _speedups(comparison: Comparison) -> str:
+    return f"{comparison.speedup:.2f}x / {comparison.speedup_median:.2f}x / {comparison.speedup_min:.2f}x"
 
 
 def _load(value: float | None) -> str:
@@ -637,14 +679,24 @@ def _memory(*timings: Timing) -> str:
     return " / ".join(f"{timing.peak_memory_mb:.0f}" for timing in timings)
 
 
+def _cpu(*timings: Timing) -> str:
+    return " / ".join(f"{timing.cpu_per_wall:.2f}" for timing in timings)
+
+
+def _row(name: str, bundle: Timing, reference: Timing | None, speedup: str, reference_text: str = "n/a") -> str:
+    timings = (bundle,) if reference is None else (bundle, reference)
+    reference_cell = reference_text if reference is None else _seconds(reference)
+    return f"| {name} | {_seconds(bundle)} | {reference_cell} | {speedup} | {_memory(*timings)} | {_cpu(*timings)} |"
+
+
 def format_table(results: Mapping[str, Any], machine: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     """
     Render the results as a markdown table preceded by the machine and workload description.
 
-    Times are mean (min) seconds per unit over the timed repetitions; speed-ups are reference / bundle.
+    Times are mean / median / min seconds per unit over the timed repetitions; speed-ups are reference / bundle
+    of the mean, the median and the min.
     """
     ae, diffusion = results[ROW_AE], results[ROW_DIFFUSION]
-    encoding, sampling = results[ROW_ENCODING], results[ROW_SAMPLING]
     gpu = f" ({machine['gpu']})" if machine["gpu"] else ""
     memory_kind = "CUDA max allocated" if machine["gpu"] else "process max RSS, cumulative"
     lines = [
@@ -656,15 +708,13 @@ def format_table(results: Mapping[str, Any], machine: Mapping[str, Any], setting
         f"AE images {settings['image_size']}^2, diffusion images {settings['diffusion_image_size']}^2, "
         f"{settings['iterations']} timed + {settings['warmup']} warm-up repetitions, DDIM {settings['steps']} steps",
         "",
-        f"| measurement | this bundle | zoo-style reference | speed-up (mean / min) | peak memory MiB ({memory_kind}) |",
-        "|---|---|---|---|---|",
-        f"| AE train step, s/iteration | {_seconds(ae.bundle)} | {_seconds(ae.reference)} | "
-        f"{ae.speedup:.2f}x / {ae.speedup_min:.2f}x | {_memory(ae.bundle, ae.reference)} |",
-        f"| diffusion train step, s/iteration | {_seconds(diffusion.bundle)} | {_seconds(diffusion.reference)} | "
-        f"{diffusion.speedup:.2f}x / {diffusion.speedup_min:.2f}x | {_memory(diffusion.bundle, diffusion.reference)} |",
-        f"| one-off latent encoding, s/slice | {_seconds(encoding)} | n/a (encodes in every iteration) | n/a | "
-        f"{_memory(encoding)} |",
-        f"| sampling (DDIM {settings['steps']} steps), s/image | {_seconds(sampling)} | n/a | n/a | {_memory(sampling)} |",
+        "| measurement | this bundle, s (mean / median / min) | zoo-style reference, s (mean / median / min) "
+        f"| speed-up (mean / median / min) | peak memory MiB ({memory_kind}) | CPU s per wall s |",
+        "|---|---|---|---|---|---|",
+        _row("AE train step, per iteration", ae.bundle, ae.reference, _speedups(ae)),
+        _row("diffusion train step, per iteration", diffusion.bundle, diffusion.reference, _speedups(diffusion)),
+        _row("one-off latent encoding, per slice", results[ROW_ENCODING], None, "n/a", "n/a (encodes every iteration)"),
+        _row(f"sampling (DDIM {settings['steps']} steps), per image", results[ROW_SAMPLING], None, "n/a"),
     ]
     return "\n".join(lines)
 
@@ -745,6 +795,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = describe_machine(device)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     logger.info("machine: %s", machine)
+    load = machine["load_average_1m"]
+    if load is not None and load > 0.75 * (os.cpu_count() or 1):
+        logger.warning(
+            "1-min load average %.2f on %s cores before starting: other processes compete for the CPU, "
+            "so timings will be noisy (see cpu_per_wall and the medians).",
+            load,
+            os.cpu_count(),
+        )
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench_brats_ldm2d_") as tmp:
         work_dir = Path(tmp)
@@ -770,7 +828,7 @@ def row_seconds(row: Mapping[str, Any]) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python bench/bench_brats_ldm2d.py [options]``; exits 1 if any timing is not positive and finite."""
+    """Entry point of ``python bench/bench_brats_ldm2d.py``; exits with 1 if a timing is not positive and finite."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args = resolve_defaults(build_arg_parser().parse_args(argv))
     report = run(args)
