@@ -65,6 +65,10 @@ from monai.losses import PatchAdversarialLoss  # noqa: E402
 logger = logging.getLogger("bench_brats_ldm2d")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from demo.brats_presets import TINY_AUTOENCODER, TINY_DIFFUSION, TINY_DISCRIMINATOR  # noqa: E402
+
 BUNDLE_DIR = REPO_ROOT / "bundles" / "brats_ldm2d"
 CONFIG_DIR = BUNDLE_DIR / "configs"
 
@@ -75,20 +79,6 @@ INFERENCE_CONFIGS = ("inference.json",)
 FULL_AE_IMAGE_SIZE = 240
 FULL_DIFFUSION_IMAGE_SIZE = 256
 TINY_IMAGE_SIZE = 32
-
-TINY_AUTOENCODER = {
-    "autoencoder_def#channels": [8, 16, 16],
-    "autoencoder_def#norm_num_groups": 8,
-    "autoencoder_def#num_res_blocks": 1,
-}
-TINY_DISCRIMINATOR = {"discriminator_def#channels": 8}
-TINY_DIFFUSION = {
-    "network_def#channels": [8, 16],
-    "network_def#attention_levels": [False, True],
-    "network_def#num_head_channels": [0, 8],
-    "network_def#norm_num_groups": 8,
-    "network_def#num_res_blocks": 1,
-}
 
 ROW_AE = "ae_train_step"
 ROW_DIFFUSION = "diffusion_train_step"

@@ -13,6 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bundle_helpers import BUNDLES_DIR, run_bundle
+from demo.brats_presets import TINY_AUTOENCODER, TINY_DIFFUSION, TINY_DISCRIMINATOR
 from demo.synthetic import make_brats_like_dataset
 
 BUNDLE = BUNDLES_DIR / "brats_ldm2d"
@@ -21,18 +22,6 @@ SLICES_PER_VOLUME = 8
 NUM_VOLUMES = 6
 VAL_FRAC = 0.34  # 2 validation and 4 training volumes, so each of 2 ranks has a validation volume
 
-TINY_AUTOENCODER = {
-    "autoencoder_def#channels": [8, 16, 16],
-    "autoencoder_def#norm_num_groups": 8,
-    "autoencoder_def#num_res_blocks": 1,
-}
-TINY_DIFFUSION = {
-    "network_def#channels": [8, 16],
-    "network_def#attention_levels": [False, True],
-    "network_def#num_head_channels": [0, 8],
-    "network_def#norm_num_groups": 8,
-    "network_def#num_res_blocks": 1,
-}
 LATENT_SHAPE = [1, PATCH // 4, PATCH // 4]
 
 
@@ -50,7 +39,7 @@ def train_overrides(root, dataset_dir, epochs):
         "train_batch_size_img": 1,
         "train_batch_size_slice": 4,
         "log_every_n_iterations": 1,
-        "discriminator_def#channels": 8,
+        **TINY_DISCRIMINATOR,
         **TINY_AUTOENCODER,
     }
 
