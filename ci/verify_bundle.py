@@ -463,7 +463,7 @@ def _version_problems(metadata: Mapping[str, Any]) -> list[str]:
 def _large_file_problems(entry: Any) -> list[str]:
     """Problems of one ``large_files`` entry."""
     if not isinstance(entry, dict):
-        return ["must be a mapping with path, url, hash_val and hash_type"]
+        return ["must be a mapping with path, url and, where one is published, hash_val and hash_type"]
     problems = []
     path = entry.get("path")
     if not isinstance(path, str) or not path:
@@ -475,6 +475,8 @@ def _large_file_problems(entry: Any) -> list[str]:
         problems.append("'url' is missing")
     elif urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
         problems.append(f"'url' {url!r} must be an http(s) URL")
+    if "hash_val" not in entry and "hash_type" not in entry:
+        return problems  # no checksum is published for this file
     hash_type = entry.get("hash_type")
     if hash_type not in HASH_LENGTHS:
         problems.append(f"'hash_type' {hash_type!r} must be one of {sorted(HASH_LENGTHS)}")

@@ -66,7 +66,8 @@ def run_bundle(
     ``AssertionError`` that shows the end of the log.
     """
     command = bundle_command(config_files, overrides, torchrun_procs)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    threads = "1" if torchrun_procs else str(os.cpu_count() or 1)  # one thread per process under torchrun
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     result = subprocess.run(
         command, cwd=bundle_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
     )

@@ -261,6 +261,7 @@ def test_data_format_without_definition(bundle: Path) -> None:
         (lambda entry: entry.update(path="../model.pt"), "'path' '../model.pt' must be relative"),
         (lambda entry: entry.update(path="/models/model.pt"), "'path' '/models/model.pt' must be relative"),
         (lambda entry: entry.update(hash_val=12345), "'hash_val' must be a (quoted) hex string"),
+        (lambda entry: entry.pop("hash_type"), "'hash_type' None must be one of"),
     ],
 )
 def test_malformed_large_file_entry(bundle: Path, change: Callable[[dict], Any], expected: str) -> None:
@@ -268,6 +269,11 @@ def test_malformed_large_file_entry(bundle: Path, change: Callable[[dict], Any],
     message = problems_of(bundle)
     assert "large_files.yml: entry 0: " in message
     assert expected in message
+
+
+def test_large_file_without_published_hash(bundle: Path) -> None:
+    edit_large_files(bundle, lambda entry: [entry.pop("hash_val"), entry.pop("hash_type")])
+    verify_bundle(bundle)
 
 
 def test_large_files_duplicate_path_and_layout(bundle: Path) -> None:

@@ -1,0 +1,464 @@
+# Copyright (c) MONAI generative bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+CT image + mask pair generation: mask source -> ControlNet-conditioned sampling -> decode -> HU -> quality
+check -> NIfTI (or any MONAI writer) + PNG preview + JSON report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.networks.schedulers import Scheduler
+
+from .decode import DecodePlan, LatentDecoder, decode_latent, plan_decode
+from .labels import (
+    binarize_labels,
+    body_region_indices_from_mask,
+    label_output_dtype,
+    region_condition,
+    remove_tumors,
+    spacing_condition,
+)
+from .masks import Candidate, augment_mask, load_mask, resample_mask, retrieve_masks
+from .outputs import preview_png, sample_filenames, write_run_report, write_volume
+from .quality import QualityReport, check_ct_quality, finalize_ct, generate_with_quality_check, to_ct_hu
+from .sampler import SamplingConditions, sample_latent
+from .validation import CTGenerationInputs
+
+logger = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 4
+LATENT_DOWNSAMPLE = 4  # the autoencoder compresses each spatial axis by 4
+ATTEMPT_SEED_STRIDE = 100_003  # seed of attempt a of sample i: random_seed + i + a * ATTEMPT_SEED_STRIDE
+
+
+def sample_seed(random_seed: int, index: int, attempt: int = 0) -> int:
+    """Seed of sample ``index`` at quality-check ``attempt``: independent of how many samples are generated."""
+    return random_seed + index + attempt * ATTEMPT_SEED_STRIDE
+
+
+class MaskSource(Protocol):
+    """Gives the label mask (1, X, Y, Z) of a sample at the requested geometry, and says where it came from."""
+
+    def mask_for(self, index: int, seed: int) -> tuple[MetaTensor, str]: ...
+
+
+@dataclass
+class DatabaseMaskSource:
+    """
+    Masks retrieved from the candidate-mask database (exact geometry, else closest match resampled),
+    each augmented per sample with a seed-driven, bounded augmentation.
+    """
+
+    candidates: Sequence[Candidate]
+    inputs: CTGenerationInputs
+    num_masks: int
+    device: torch.device
+    augment: bool = True
+    _pool: list = field(default_factory=list, init=False)
+
+    def mask_for(self, index: int, seed: int) -> tuple[MetaTensor, str]:
+        if not self._pool:
+            self._pool = retrieve_masks(
+                self.candidates,
+                self.inputs.anatomy_ids,
+                self.inputs.region_indices,
+                self.inputs.output_size,
+                self.inputs.spacing,
+                self.num_masks,
+                np.random.default_rng(seed),
+                device=self.device,
+            )
+        retrieved = self._pool[index % len(self._pool)]
+        mask = retrieved.mask.clone()
+        if self.augment:
+            mask, _ = augment_mask(mask, np.random.default_rng(seed), self.device)
+        origin = "resampled" if retrieved.resampled else "exact"
+        return mask, f"database:{retrieved.source} ({origin})"
+
+
+@dataclass
+class UserMaskSource:
+    """A user-supplied label file (``mask_path``), oriented to RAS and resampled to the requested geometry."""
+
+    path: str | os.PathLike
+    inputs: CTGenerationInputs
+    device: torch.device
+
+    def mask_for(self, index: int, seed: int) -> tuple[MetaTensor, str]:
+        mask = load_user_mask(self.path, self.device)
+        mask = resample_mask(mask, self.inputs.spacing, self.inputs.output_size)
+        return mask, f"user:{self.path}"
+
+
+@dataclass
+class GeneratedMaskSource:
+    """Masks drawn by the mask-generation model; ``generate(seed)`` returns a mask at the requested geometry."""
+
+    generate: Callable[[int], MetaTensor]
+
+    def mask_for(self, index: int, seed: int) -> tuple[MetaTensor, str]:
+        return self.generate(seed), "generated"
+
+
+def load_user_mask(path: str | os.PathLike, device: torch.device) -> MetaTensor:
+    """
+    Load and check a user label map: integer ids only, at least one non-background voxel.
+
+    Raises:
+        FileNotFoundError: ``mask_path`` does not exist.
+        ValueError: the file holds non-integer values or is empty.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"mask_path={path} does not exist.")
+    mask = load_mask(Candidate(filename=Path(path).name, folder=Path(path).parent, spacing=(1.0, 1.0, 1.0), dim=(1, 1, 1), label_ids=frozenset()), device)
+    values = torch.as_tensor(mask.as_tensor() if isinstance(mask, MetaTensor) else mask)
+    if not torch.equal(values, values.round()):
+        raise ValueError(f"mask_path={path} holds non-integer values; it must be a label map of MAISI ids.")
+    if not bool((values > 0).any()):
+        raise ValueError(f"mask_path={path} has no foreground label.")
+    return mask
+
+
+@dataclass
+class Networks:
+    """The networks of paired generation (already on their device, weights loaded)."""
+
+    autoencoder: torch.nn.Module
+    diffusion_unet: torch.nn.Module
+    controlnet: torch.nn.Module
+    scale_factor: float
+
+
+def build_conditions(mask: torch.Tensor, inputs: CTGenerationInputs, device: torch.device, dtype: torch.dtype) -> SamplingConditions:
+    """All conditioning tensors of one sample, built once before the denoising loop."""
+    labels = mask.reshape(1, 1, *mask.shape[-3:]).to(device)
+    top, bottom = (None, None)
+    if inputs.version == "ddpm-ct":
+        top_one_hot, bottom_one_hot = body_region_indices_from_mask(labels)
+        top, bottom = region_condition(top_one_hot), region_condition(bottom_one_hot)
+    unconditional = None
+    if inputs.cfg_guidance_scale > 0:
+        unconditional = binarize_labels(torch.as_tensor(remove_tumors(labels.cpu())).to(device), dtype=dtype)
+    return SamplingConditions(
+        spacing=spacing_condition(inputs.spacing),
+        class_labels=None if inputs.modality is None else torch.tensor([inputs.modality]),
+        top_region=top,
+        bottom_region=bottom,
+        controlnet_cond=binarize_labels(labels, dtype=dtype),
+        unconditional_controlnet_cond=unconditional,
+    ).to(device, dtype)
+
+
+def generate_ct_image(
+    mask: torch.Tensor,
+    inputs: CTGenerationInputs,
+    networks: Networks,
+    scheduler: Scheduler,
+    seed: int,
+    device: torch.device,
+    decode_plan: DecodePlan,
+    timings: dict[str, float],
+    progress: bool = True,
+) -> np.ndarray:
+    """Generate the CT (HU, int16, background -1000) for ``mask``; accumulates phase timings."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    latent_shape = (1, LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+    start = time.perf_counter()
+    conditions = build_conditions(mask, inputs, device, dtype)
+    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+        latent = sample_latent(
+            networks.diffusion_unet,
+            scheduler,
+            noise,
+            conditions,
+            inputs.num_inference_steps,
+            controlnet=networks.controlnet,
+            guidance_scale=inputs.cfg_guidance_scale,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            progress=progress,
+        )
+    timings["diffusion_s"] = timings.get("diffusion_s", 0.0) + time.perf_counter() - start
+    start = time.perf_counter()
+    decoded = decode_latent(LatentDecoder(networks.autoencoder, networks.scale_factor), latent, decode_plan, progress=progress)
+    timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - start
+    image = to_ct_hu(decoded[0, 0].float().cpu().numpy())
+    return np.asarray(finalize_ct(image, np.asarray(mask).reshape(image.shape)))
+
+
+def generate_ct_pairs(
+    inputs: CTGenerationInputs,
+    networks: Networks,
+    scheduler: Scheduler,
+    mask_source: MaskSource,
+    *,
+    num_output_samples: int,
+    random_seed: int,
+    output_dir: str | os.PathLike,
+    device: torch.device | str,
+    ct_statistics: Mapping[str, Any],
+    quality_check_max_attempts: int = 3,
+    memory_budget_gb: float | None = None,
+    settings: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Generate ``num_output_samples`` CT image + mask pairs and write them with previews and a run report.
+
+    Sample ``i``, attempt ``a`` uses seed ``random_seed + i + a * 100003``. A sample whose organ HU
+    medians fail the quality check is regenerated (new seed, new mask draw) up to
+    ``quality_check_max_attempts`` times; a sample that still fails is written and flagged
+    ``"passed": false`` in the report, never passed off silently.
+
+    Returns:
+        The run report (also written to ``<output_dir>/generation_report.json``).
+    """
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    latent_shape = (LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
+    decode_plan = plan_decode(
+        latent_shape,
+        device,
+        roi_size=inputs.autoencoder_sliding_window_infer_size,
+        overlap=inputs.autoencoder_sliding_window_infer_overlap,
+        num_splits=inputs.autoencoder_tp_num_splits,
+        memory_budget_gb=memory_budget_gb,
+    )
+    logger.info("%s", decode_plan.describe())
+    timings: dict[str, float] = {}
+    samples = []
+    for index in range(num_output_samples):
+        sources: dict[int, str] = {}
+
+        def attempt(number: int, index: int = index, sources: dict[int, str] = sources) -> tuple[np.ndarray, np.ndarray]:
+            seed = sample_seed(random_seed, index, number)
+            start = time.perf_counter()
+            mask, sources[number] = mask_source.mask_for(index, seed)
+            timings["mask_s"] = timings.get("mask_s", 0.0) + time.perf_counter() - start
+            image = generate_ct_image(mask, inputs, networks, scheduler, seed, device, decode_plan, timings, progress)
+            return image, np.asarray(mask).reshape(image.shape)
+
+        image, labels, report, attempts = generate_with_quality_check(
+            attempt, quality_check_max_attempts, lambda image, labels: check_ct_quality(image, labels, ct_statistics)
+        )
+        seed = sample_seed(random_seed, index, attempts - 1)
+        samples.append(_write_sample(output_dir, index, seed, image, labels, inputs, report, sources[attempts - 1]))
+    run_report = {
+        "settings": {**dict(settings or {}), "decode_plan": decode_plan.describe()},
+        "samples": samples,
+        "timings": timings,
+    }
+    write_run_report(output_dir / "generation_report.json", run_report["settings"], samples, timings)
+    return run_report
+
+
+def _write_sample(
+    output_dir: Path,
+    index: int,
+    seed: int,
+    image: np.ndarray,
+    labels: np.ndarray,
+    inputs: CTGenerationInputs,
+    report: QualityReport,
+    source: str,
+) -> dict[str, Any]:
+    names = sample_filenames(output_dir, index, seed, inputs.image_output_ext, inputs.label_output_ext)
+    write_volume(image, names["image"], inputs.spacing, np.int16)
+    label_dtype = label_output_dtype(int(labels.max()))
+    write_volume(labels.astype(label_dtype), names["label"], inputs.spacing, label_dtype)
+    preview_png(image, labels, names["preview"], spacing=inputs.spacing)
+    if not report.passed:
+        logger.warning("sample %d failed the quality check after %d attempt(s): %s", index, report.attempts, report.summary())
+    return {
+        "index": index,
+        "seed": seed,
+        "mask_source": source,
+        "image": str(names["image"]),
+        "label": str(names["label"]),
+        "preview": str(names["preview"]),
+        "quality_check": report,
+    }
+
+
+def check_weight_files(paths: Mapping[str, str | os.PathLike | None], bundle_root: str | os.PathLike) -> None:
+    """
+    Check that every needed weights or database file exists, before anything loads.
+
+    Args:
+        paths: config id -> path; ``None`` entries are not needed by this run and are skipped.
+        bundle_root: the bundle folder, for the download command in the message.
+
+    Raises:
+        FileNotFoundError: listing every missing file with its config id and the download command.
+    """
+    missing = [f"{name}={path}" for name, path in paths.items() if path is not None and not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError(
+            "missing file(s): "
+            + ", ".join(missing)
+            + f". Download the published files with `python -m monai.bundle download_large_files --bundle_path {bundle_root}`"
+            + f" (URLs are in {Path(bundle_root) / 'large_files.yml'}), or point these ids at your own files."
+        )
+
+
+def check_run_settings(num_output_samples: Any, random_seed: Any, quality_check_max_attempts: Any) -> None:
+    """Check the run-level ids; each error names the id, the value and what is allowed."""
+    for name, value, minimum in (
+        ("num_output_samples", num_output_samples, 1),
+        ("random_seed", random_seed, 0),
+        ("quality_check_max_attempts", quality_check_max_attempts, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}.")
+
+
+def needed_files(inputs: CTGenerationInputs, mask_path: str | None, files: Mapping[str, str]) -> dict[str, str | None]:
+    """The subset of ``files`` (config id -> path) that this run reads, depending on its mask source."""
+    needed = {k: files[k] for k in ("trained_autoencoder_path", "trained_diffusion_path", "trained_controlnet_path")}
+    if mask_path is not None:
+        needed["mask_path"] = mask_path
+    elif inputs.generates_mask:
+        for key in ("trained_mask_generation_autoencoder_path", "trained_mask_generation_diffusion_path", "all_anatomy_size_condtions_json"):
+            needed[key] = files[key]
+    else:
+        needed["all_mask_files_json"] = files["all_mask_files_json"]
+    return needed
+
+
+def load_pair_networks(
+    autoencoder: torch.nn.Module,
+    diffusion_unet: torch.nn.Module,
+    controlnet: torch.nn.Module,
+    trained_autoencoder_path: str | os.PathLike,
+    trained_diffusion_path: str | os.PathLike,
+    trained_controlnet_path: str | os.PathLike,
+    device: torch.device | str,
+) -> Networks:
+    """
+    Load the published (or fine-tuned) weights strictly and return the networks in eval mode.
+
+    Formats: plain state dict (autoencoder), ``{"unet_state_dict", "scale_factor", ...}`` (diffusion
+    UNet), ``{"controlnet_state_dict", ...}`` (ControlNet). The scale factor comes from the UNet file.
+    """
+    from .checkpoint import load_network_weights
+
+    load_network_weights(autoencoder, trained_autoencoder_path, map_location=device)
+    extras = load_network_weights(diffusion_unet, trained_diffusion_path, state_dict_key="unet_state_dict", map_location=device)
+    if "scale_factor" not in extras:
+        raise KeyError(f"trained_diffusion_path={trained_diffusion_path} has no 'scale_factor' entry.")
+    load_network_weights(controlnet, trained_controlnet_path, state_dict_key="controlnet_state_dict", map_location=device)
+    return Networks(
+        autoencoder=autoencoder.to(device).eval(),
+        diffusion_unet=diffusion_unet.to(device).eval(),
+        controlnet=controlnet.to(device).eval(),
+        scale_factor=float(extras["scale_factor"]),
+    )
+
+
+def build_mask_source(
+    inputs: CTGenerationInputs,
+    mask_path: str | None,
+    all_mask_files_json: str,
+    all_mask_files_base_dir: str,
+    num_output_samples: int,
+    device: torch.device | str,
+    augment_masks: bool = True,
+    generate_mask: Callable[[int], MetaTensor] | None = None,
+) -> MaskSource:
+    """
+    Choose the mask source: a user file (``mask_path``), the mask generator (``controllable_anatomy_size``)
+    or the candidate database (``body_region`` + ``anatomy_list``).
+    """
+    device = torch.device(device)
+    if mask_path is not None:
+        return UserMaskSource(mask_path, inputs, device)
+    if inputs.generates_mask:
+        if generate_mask is None:
+            raise ValueError("controllable_anatomy_size needs the mask-generation networks (generate_mask).")
+        return GeneratedMaskSource(generate_mask)
+    from .masks import load_candidate_database
+
+    candidates = load_candidate_database(all_mask_files_json, all_mask_files_base_dir)
+    return DatabaseMaskSource(candidates, inputs, num_output_samples, device, augment=augment_masks)
+
+
+def build_mask_generator(
+    inputs: CTGenerationInputs,
+    autoencoder: torch.nn.Module,
+    diffusion_unet: torch.nn.Module,
+    trained_mask_generation_autoencoder_path: str | os.PathLike,
+    trained_mask_generation_diffusion_path: str | os.PathLike,
+    all_anatomy_size_condtions_json: str | os.PathLike,
+    label_dict_remap_json: str | os.PathLike,
+    label_dict_json: str | os.PathLike,
+    noise_scheduler: Scheduler,
+    latent_shape: Sequence[int],
+    device: torch.device | str,
+    memory_budget_gb: float | None = None,
+    progress: bool = True,
+) -> Callable[[int], MetaTensor] | None:
+    """
+    The mask generator of ``controllable_anatomy_size`` runs as ``seed -> mask``, or ``None`` when the run
+    does not generate masks (then no weights are loaded and the networks stay on the CPU).
+    """
+    if not inputs.generates_mask:
+        return None
+    from .checkpoint import load_network_weights
+    from .labels import channel_to_label_table, load_channel_table, load_label_dict
+    from .mask_generation import MaskGenerationNetworks, generate_mask, load_size_condition_database
+
+    device = torch.device(device)
+    load_network_weights(autoencoder, trained_mask_generation_autoencoder_path, map_location=device)
+    extras = load_network_weights(
+        diffusion_unet, trained_mask_generation_diffusion_path, state_dict_key="unet_state_dict", map_location=device
+    )
+    networks = MaskGenerationNetworks(
+        autoencoder=autoencoder.to(device).eval(),
+        diffusion_unet=diffusion_unet.to(device).eval(),
+        noise_scheduler=noise_scheduler,
+        scale_factor=float(extras.get("scale_factor", 1.0)),
+    )
+    database = load_size_condition_database(all_anatomy_size_condtions_json, config_id="all_anatomy_size_condtions_json")
+    channel_to_label = channel_to_label_table(load_channel_table(label_dict_remap_json))
+    label_dict = load_label_dict(label_dict_json)
+
+    def generate(seed: int) -> MetaTensor:
+        mask, _ = generate_mask(
+            networks,
+            list(inputs.controllable_anatomy_size),
+            database,
+            inputs.output_size,
+            inputs.spacing,
+            seed,
+            device,
+            channel_to_label=channel_to_label,
+            label_dict=label_dict,
+            latent_shape=latent_shape,
+            num_inference_steps=inputs.mask_generation_num_inference_steps,
+            num_splits=inputs.autoencoder_tp_num_splits,
+            memory_budget_gb=memory_budget_gb,
+            progress=progress,
+        )
+        return mask
+
+    return generate
