@@ -382,3 +382,13 @@ def test_run_report_requires_seed_and_mask_source(outputs, tmp_path):
     path = outputs.write_run_report(tmp_path / "r.json", {}, [], {}, device="cuda:3", versions={"torch": "x"})
     data = json.loads(path.read_text(encoding="utf-8"))
     assert data["versions"] == {"torch": "x"} and data["device"].startswith("cuda:3")
+
+
+def test_preview_cuts_through_the_organs_not_the_body_centre(outputs):
+    image = np.zeros(SHAPE, dtype=np.int16)
+    labels = np.full(SHAPE, BODY, dtype=np.uint8)  # the body fills the volume; its centre misses the liver
+    labels[:4, :4, :3] = LIVER
+    views = outputs.orthogonal_views(image, labels, spacing=(1.0, 1.0, 1.0))
+    expected = np.round((1 - 0.35) * 127.5 + 0.35 * outputs.label_colors([LIVER])[0].astype(float)).astype(np.uint8)
+    for name in ("axial", "coronal", "sagittal"):
+        assert np.all(views[name] == expected, axis=-1).any(), f"the {name} view misses the liver"

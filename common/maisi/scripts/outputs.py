@@ -477,10 +477,15 @@ def label_colors(label_ids: Iterable[int] | np.ndarray) -> np.ndarray:
     return np.asarray(rows, dtype=np.uint8).reshape(len(ids), 3)
 
 
-def _view_centre(labels: np.ndarray | None, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Centre of mass of the non-background labels (rounded), else the volume centre."""
+def _view_centre(labels: np.ndarray | None, shape: tuple[int, ...], exclude_ids: Sequence[int] = ()) -> tuple[int, int, int]:
+    """
+    Centre of mass of the labels that are neither background nor ``exclude_ids`` (e.g. the body envelope,
+    which would pull the cut away from the organs), else of all non-background labels, else the volume centre.
+    """
     if labels is not None:
-        foreground = labels != BACKGROUND_LABEL
+        foreground = (labels != BACKGROUND_LABEL) & ~np.isin(labels, list(exclude_ids))
+        if not foreground.any():
+            foreground = labels != BACKGROUND_LABEL
         total = int(np.count_nonzero(foreground))
         if total:
             centre = []
@@ -601,7 +606,8 @@ def orthogonal_views(
     extents = (nx * sx, ny * sy, nz * sz)
     pixel_mm = max(min(sx, sy, sz), max(extents) / max_panel_size)
     px, py, pz = (max(1, int(round(extent / pixel_mm))) for extent in extents)
-    i, j, k = _view_centre(label_map, volume.shape)
+    excluded = [int(i) for i in exclude_ids]
+    i, j, k = _view_centre(label_map, volume.shape, excluded)
 
     def display(plane: np.ndarray) -> np.ndarray:  # (first axis, second axis) -> rows = second axis, both flipped
         return plane.T[::-1, ::-1]
