@@ -234,3 +234,20 @@ def test_diffusion_training_requires_autoencoder_weights(tmp_path):
     )
     assert result.returncode != 0
     assert "load_autoencoder_path=" in result.stdout and "download_large_files" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"val_frac": 1.5}, "val_frac=1.5 is not allowed; it must be a number in (0, 1)"),
+        ({"train_batch_size_slice": 0}, "train_batch_size_slice=0 is not allowed"),
+        ({"max_epochs": -1}, "max_epochs=-1 is not allowed"),
+        ({"channel": 5}, "channel=5 is not allowed; choose one of [0, 1, 2, 3]"),
+        ({"adv_weight": -0.5}, "adv_weight=-0.5 is not allowed"),
+        ({"amp": True}, "amp=True is not allowed on device=cpu"),
+    ],
+)
+def test_training_rejects_bad_overrides_before_building_anything(tmp_path, overrides, expected):
+    output = _failure("train_autoencoder.json", {"dataset_dir": str(tmp_path / "nowhere"), **overrides}, tmp_path)
+    assert expected in output
+    assert "does not contain Task01_BrainTumour" not in output  # the id checks come first

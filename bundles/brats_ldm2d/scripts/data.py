@@ -119,3 +119,36 @@ def check_amp(amp: bool, device: object) -> bool:
     if amp and str(device).split(":")[0] != "cuda":
         raise ValueError(f"amp={amp} is not allowed on device={device}; mixed precision needs a CUDA device (set --amp false).")
     return bool(amp)
+
+
+def check_training_settings(
+    max_epochs: object,
+    lr: object,
+    train_batch_size_img: object,
+    train_batch_size_slice: object,
+    num_slices_per_volume: object,
+    val_frac: object,
+    channel: object,
+    loss_weights: dict[str, object],
+) -> None:
+    """
+    Check the training ids before anything is built; each error names the id, the value and what is allowed.
+
+    Args:
+        loss_weights: ``{"kl_weight": ..., "perceptual_weight": ..., "adv_weight": ...}``.
+    """
+    for name, value in (
+        ("max_epochs", max_epochs),
+        ("train_batch_size_img", train_batch_size_img),
+        ("train_batch_size_slice", train_batch_size_slice),
+        ("num_slices_per_volume", num_slices_per_volume),
+    ):
+        check_positive_int(name, value)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise ValueError(f"lr={lr!r} is not allowed; it must be a number in (0, 1).")
+    if isinstance(val_frac, bool) or not isinstance(val_frac, (int, float)) or not 0 < val_frac < 1:
+        raise ValueError(f"val_frac={val_frac!r} is not allowed; it must be a number in (0, 1).")
+    check_choice("channel", channel, (0, 1, 2, 3))
+    for name, value in loss_weights.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}={value!r} is not allowed; it must be a number >= 0.")
