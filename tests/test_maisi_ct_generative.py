@@ -108,3 +108,20 @@ def test_missing_weights_name_the_ids_and_the_download_command(tmp_path):
     assert "missing file(s): trained_autoencoder_path=" in output
     assert "trained_controlnet_path=" in output and "all_mask_files_json=" in output
     assert "python -m monai.bundle download_large_files --bundle_path" in output
+
+
+def test_user_mask_is_checked_before_any_weight_loads(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    fractional = np.zeros((8, 8, 8), dtype=np.float32)
+    fractional[2:4, 2:4, 2:4] = 1.5
+    nib.save(nib.Nifti1Image(fractional, np.eye(4)), str(tmp_path / "fractional.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), dtype=np.uint8), np.eye(4)), str(tmp_path / "empty.nii.gz"))
+    output = _failure(tmp_path, mask_path=str(tmp_path / "fractional.nii.gz"))
+    assert "mask_path=" in output and "non-integer or negative values" in output
+    assert "missing file(s)" not in output
+    output = _failure(tmp_path, mask_path=str(tmp_path / "empty.nii.gz"))
+    assert "has no foreground label" in output
+    output = _failure(tmp_path, mask_path=str(tmp_path / "absent.nii.gz"))
+    assert "mask_path=" in output and "does not exist" in output

@@ -37,7 +37,7 @@ from .labels import (
     remove_tumors,
     spacing_condition,
 )
-from .masks import Candidate, augment_mask, load_mask, resample_mask, retrieve_masks
+from .masks import Candidate, augment_mask, load_label_file, resample_mask, retrieve_masks
 from .outputs import preview_png, sample_filenames, write_run_report, write_volume
 from .quality import QualityReport, check_ct_quality, finalize_ct, generate_with_quality_check, to_ct_hu
 from .sampler import SamplingConditions, sample_latent
@@ -121,19 +121,19 @@ class GeneratedMaskSource:
 
 def load_user_mask(path: str | os.PathLike, device: torch.device) -> MetaTensor:
     """
-    Load and check a user label map: integer ids only, at least one non-background voxel.
+    Load and check a user label map (``mask_path``): one channel of non-negative integer ids, with foreground.
 
     Raises:
         FileNotFoundError: ``mask_path`` does not exist.
-        ValueError: the file holds non-integer values or is empty.
+        ValueError: naming ``mask_path``, when the file is not such a label map.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"mask_path={path} does not exist.")
-    mask = load_mask(Candidate(filename=Path(path).name, folder=Path(path).parent, spacing=(1.0, 1.0, 1.0), dim=(1, 1, 1), label_ids=frozenset()), device)
-    values = torch.as_tensor(mask.as_tensor() if isinstance(mask, MetaTensor) else mask)
-    if not torch.equal(values, values.round()):
-        raise ValueError(f"mask_path={path} holds non-integer values; it must be a label map of MAISI ids.")
-    if not bool((values > 0).any()):
+    try:
+        mask = load_label_file(path, device, strict=True)
+    except ValueError as error:
+        raise ValueError(f"mask_path={path}: {error}") from error
+    if not bool((mask > 0).any()):
         raise ValueError(f"mask_path={path} has no foreground label.")
     return mask
 

@@ -317,20 +317,33 @@ def _as_label_map(mask: torch.Tensor) -> torch.Tensor:
     return mask.round().to(MASK_DTYPE) if mask.is_floating_point() else mask.to(MASK_DTYPE)
 
 
-def load_mask(candidate: Candidate, device: torch.device | str | None = None) -> MetaTensor:
+def load_label_file(path: str | os.PathLike, device: torch.device | str | None = None, strict: bool = False) -> MetaTensor:
     """
-    Load a candidate's mask as a (1, X, Y, Z) integer label map in RAS orientation.
+    Load a label file as a (1, X, Y, Z) integer label map in RAS orientation.
 
     Args:
-        candidate: the database entry.
+        path: a file any MONAI reader opens (NIfTI, ...).
         device: where to put the mask; defaults to the CPU.
+        strict: refuse non-integer or negative values instead of rounding them (for user files).
 
     Returns:
         A ``MetaTensor`` of :data:`MASK_DTYPE` carrying the file's affine (reoriented to RAS).
+
+    Raises:
+        ValueError: with ``strict``, when the file is not a label map of non-negative integer ids.
     """
-    image = LoadImage(image_only=True, ensure_channel_first=True)(candidate.path)
+    image = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    if image.shape[0] != 1:
+        raise ValueError(f"{path} has {image.shape[0]} channels; a label map has one.")
+    if strict and (not torch.equal(image, image.round()) or bool((image < 0).any())):
+        raise ValueError(f"{path} holds non-integer or negative values; it must be a label map of MAISI ids.")
     image = Orientation(axcodes="RAS", labels=_RAS_LABELS)(image)
     return _as_label_map(image).to(device or "cpu")
+
+
+def load_mask(candidate: Candidate, device: torch.device | str | None = None) -> MetaTensor:
+    """Load a candidate's mask (see :func:`load_label_file`)."""
+    return load_label_file(candidate.path, device)
 
 
 def mask_spacing(mask: torch.Tensor) -> tuple[float, ...]:
