@@ -46,11 +46,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     The object is written to a temporary file in the same folder, flushed to disk and then renamed
     over ``path`` (``os.replace`` is atomic on POSIX and Windows).
 
-    Args:
-        obj: object to save (state dicts, tensors, plain Python values).
-        path: destination file.
+    Parameters
+    ----------
+    obj
+        object to save (state dicts, tensors, plain Python values).
+    path
+        destination file.
 
-    Returns:
+    Returns
+    -------
+    Path
         The destination path.
     """
     path = Path(path)
@@ -78,14 +83,21 @@ class ResumableCheckpoint:
     at the end of training, rank 0 writes the checkpoint atomically. Only state dicts and integers are
     stored, so the file loads with ``weights_only=True``.
 
-    Args:
-        ckpt_dir: folder of the checkpoint.
-        save_dict: objects with ``state_dict``/``load_state_dict`` (networks, optimizers, schedulers).
-            Wrapped (DDP) networks are unwrapped, so single- and multi-GPU checkpoints are interchangeable.
-        save_interval: save every N epochs.
-        map_location: where tensors are mapped on load; defaults to the CPU.
-        resume: set ``False`` to ignore an existing checkpoint (it is then overwritten).
-        extra: plain values stored with the checkpoint (e.g. the latent ``scale_factor``).
+    Parameters
+    ----------
+    ckpt_dir
+        folder of the checkpoint.
+    save_dict
+        objects with ``state_dict``/``load_state_dict`` (networks, optimizers, schedulers).
+        Wrapped (DDP) networks are unwrapped, so single- and multi-GPU checkpoints are interchangeable.
+    save_interval
+        save every N epochs.
+    map_location
+        where tensors are mapped on load; defaults to the CPU.
+    resume
+        set ``False`` to ignore an existing checkpoint (it is then overwritten).
+    extra
+        plain values stored with the checkpoint (e.g. the latent ``scale_factor``).
     """
 
     def __init__(
@@ -147,13 +159,18 @@ class ModelExporter:
     """
     Ignite handler that writes a network's final weights atomically when training completes (rank 0 only).
 
-    Args:
-        path: destination file.
-        network: the network (DDP wrappers are unwrapped).
-        state_dict_key: when given, the file holds ``{state_dict_key: state_dict, **extra}``; otherwise
-            the plain state dict (the format of the published checkpoints).
-        extra: additional entries stored next to the weights, e.g. ``{"scale_factor": 1.02}``.
-            Callables are evaluated at save time.
+    Parameters
+    ----------
+    path
+        destination file.
+    network
+        the network (DDP wrappers are unwrapped).
+    state_dict_key
+        when given, the file holds ``{state_dict_key: state_dict, **extra}``; otherwise
+        the plain state dict (the format of the published checkpoints).
+    extra
+        additional entries stored next to the weights, e.g. ``{"scale_factor": 1.02}``.
+        Callables are evaluated at save time.
     """
 
     def __init__(
@@ -202,11 +219,16 @@ def convert_generative_state_dict(state_dict: Mapping[str, torch.Tensor], expect
     upsampling ``conv`` to ``postconv`` wherever the core layout expects it. Keys that already match
     are kept.
 
-    Args:
-        state_dict: the checkpoint's state dict.
-        expected_keys: the keys of the target network's state dict.
+    Parameters
+    ----------
+    state_dict
+        the checkpoint's state dict.
+    expected_keys
+        the keys of the target network's state dict.
 
-    Returns:
+    Returns
+    -------
+    dict
         A new state dict; loading it strictly reports any key that could not be mapped.
     """
     converted = {}
@@ -242,19 +264,29 @@ def load_network_weights(
     Accepts plain state dicts (the published format), dicts that hold the state dict under
     ``state_dict_key`` (this collection's training output), and GenerativeModels-era key layouts.
 
-    Args:
-        network: the network to fill (a DDP wrapper is unwrapped).
-        path: checkpoint file.
-        state_dict_key: key of the state dict inside the checkpoint, if it is wrapped. When the key is
-            absent the file is treated as a plain state dict.
-        map_location: device the tensors are mapped to while loading.
+    Parameters
+    ----------
+    network
+        the network to fill (a DDP wrapper is unwrapped).
+    path
+        checkpoint file.
+    state_dict_key
+        key of the state dict inside the checkpoint, if it is wrapped. When the key is
+        absent the file is treated as a plain state dict.
+    map_location
+        device the tensors are mapped to while loading.
 
-    Returns:
+    Returns
+    -------
+    dict[str, Any]
         The other entries of the checkpoint (e.g. ``scale_factor``); empty for a plain state dict.
 
-    Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        RuntimeError: when the keys or shapes do not match the network (strict loading).
+    Raises
+    ------
+    FileNotFoundError
+        when ``path`` does not exist.
+    RuntimeError
+        when the keys or shapes do not match the network (strict loading).
     """
     path = Path(path)
     if not path.is_file():

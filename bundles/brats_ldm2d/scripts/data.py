@@ -39,16 +39,24 @@ def check_msd_dataset(dataset_dir: str | os.PathLike, task: str = MSD_TASK) -> P
     """
     Check that ``dataset_dir`` holds an MSD task folder with a usable ``dataset.json``.
 
-    Args:
-        dataset_dir: the config id ``dataset_dir``: the folder that contains ``Task01_BrainTumour``.
-        task: the MSD task folder name.
+    Parameters
+    ----------
+    dataset_dir
+        the config id ``dataset_dir``: the folder that contains ``Task01_BrainTumour``.
+    task
+        the MSD task folder name.
 
-    Returns:
+    Returns
+    -------
+    Path
         The task folder.
 
-    Raises:
-        FileNotFoundError: the folder, ``dataset.json`` or an image it lists is missing.
-        ValueError: ``dataset.json`` is not valid JSON, lacks an MSD property or has no ``training`` images.
+    Raises
+    ------
+    FileNotFoundError
+        the folder, ``dataset.json`` or an image it lists is missing.
+    ValueError
+        ``dataset.json`` is not valid JSON, lacks an MSD property or has no ``training`` images.
     """
     task_dir = Path(dataset_dir) / task
     if not task_dir.is_dir():
@@ -100,8 +108,10 @@ def check_weights_file(name: str, path: str | os.PathLike, bundle_root: str | os
     """
     Check that the weights file given by the config id ``name`` exists, and say how to get it otherwise.
 
-    Raises:
-        FileNotFoundError: with the download command for the published weights.
+    Raises
+    ------
+    FileNotFoundError
+        with the download command for the published weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,8 +144,10 @@ def check_training_settings(
     """
     Check the training ids before anything is built; each error names the id, the value and what is allowed.
 
-    Args:
-        loss_weights: ``{"kl_weight": ..., "perceptual_weight": ..., "adv_weight": ...}``.
+    Parameters
+    ----------
+    loss_weights
+        ``{"kl_weight": ..., "perceptual_weight": ..., "adv_weight": ...}``.
     """
     for name, value in (
         ("max_epochs", max_epochs),

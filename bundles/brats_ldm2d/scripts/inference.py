@@ -55,8 +55,10 @@ def select_scheduler(scheduler: str, schedulers: Mapping[str, Scheduler], num_in
     """
     Return the scheduler named by the config id ``scheduler``, set to ``num_inference_steps`` steps.
 
-    Raises:
-        ValueError: ``scheduler`` is not one of ``ddim``/``ddpm``, or the step count is out of range.
+    Raises
+    ------
+    ValueError
+        ``scheduler`` is not one of ``ddim``/``ddpm``, or the step count is out of range.
     """
     check_choice("scheduler", scheduler, SCHEDULERS)
     selected = schedulers[scheduler]
@@ -121,10 +123,14 @@ def generate_samples(
     many others are generated with it, and the same seed always gives the same image. Values are clipped
     to [0, 1], the intensity range of the training data.
 
-    Args:
-        settings: the run's settings, copied into the report.
+    Parameters
+    ----------
+    settings
+        the run's settings, copied into the report.
 
-    Returns:
+    Returns
+    -------
+    list[dict[str, Any]]
         One record per sample: file paths, seed, shape and value range.
     """
     autoencoder, diffusion = unwrap_module(autoencoder).eval(), unwrap_module(diffusion).eval()
@@ -173,9 +179,12 @@ class ReconstructionWriter:
     at the end a JSON report with per-slice and mean PSNR/SSIM (from ``engine.state.metrics`` and the
     metric details). Rank 0 only.
 
-    Args:
-        output_dir: output folder.
-        metric_names: names of the evaluator's metrics to report.
+    Parameters
+    ----------
+    output_dir
+        output folder.
+    metric_names
+        names of the evaluator's metrics to report.
     """
 
     def __init__(self, output_dir: str | os.PathLike, metric_names: Sequence[str] = ("psnr", "ssim")) -> None:

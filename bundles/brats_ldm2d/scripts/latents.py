@@ -46,14 +46,22 @@ def encode_volume_slices(
     distribution the autoencoder's ``encode_stage_2_inputs`` samples from, without running the encoder
     in the training loop.
 
-    Args:
-        autoencoder: a ``monai.networks.nets.AutoencoderKL`` (DDP wrappers are unwrapped).
-        volumes: items (or batches) with ``image_key`` holding tensors of shape (C, H, W, D) or (B, C, H, W, D).
-        device: device the encoder runs on.
-        batch_size: number of slices encoded at once.
-        image_key: key of the image in each item.
+    Parameters
+    ----------
+    autoencoder
+        a ``monai.networks.nets.AutoencoderKL`` (DDP wrappers are unwrapped).
+    volumes
+        items (or batches) with ``image_key`` holding tensors of shape (C, H, W, D) or (B, C, H, W, D).
+    device
+        device the encoder runs on.
+    batch_size
+        number of slices encoded at once.
+    image_key
+        key of the image in each item.
 
-    Returns:
+    Returns
+    -------
+    list[dict[str, torch.Tensor]]
         One ``{"z_mu": (C, h, w), "z_sigma": (C, h, w)}`` dict per slice, on the CPU.
     """
     encoder = unwrap_module(autoencoder).eval()
@@ -114,9 +122,12 @@ class SampleLatentd(MapTransform, RandomizableTransform):
     """
     Draw ``scale_factor * (z_mu + z_sigma * eps)`` from a cached slice and store it under ``output_key``.
 
-    Args:
-        scale_factor: the latent scale factor.
-        output_key: key of the sampled latent (the trainer reads ``image``).
+    Parameters
+    ----------
+    scale_factor
+        the latent scale factor.
+    output_key
+        key of the sampled latent (the trainer reads ``image``).
     """
 
     def __init__(self, scale_factor: float, output_key: Hashable = "image") -> None:

@@ -25,11 +25,16 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """
     KL divergence of N(z_mu, z_sigma^2) from N(0, 1), summed over the latent dimensions and averaged over the batch.
 
-    Args:
-        z_mu: latent means, shape (B, C, *spatial).
-        z_sigma: latent standard deviations, same shape.
+    Parameters
+    ----------
+    z_mu
+        latent means, shape (B, C, *spatial).
+    z_sigma
+        latent standard deviations, same shape.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         A scalar tensor.
     """
     z_var = z_sigma.float().pow(2)
@@ -62,16 +67,25 @@ def build_perceptual_loss(
     ``pretrained=True`` needs ``weights_path``: a local ResNet50 state dict (torchvision layout, optionally
     wrapped under ``state_dict_key``). Loading is strict apart from the unused classifier head (``fc.*``).
 
-    Args:
-        spatial_dims: 2 for this bundle.
-        pretrained: whether to load ``weights_path``.
-        weights_path: local weights file (config id ``perceptual_loss_model_weights_path``).
-        state_dict_key: key of the state dict inside the file, if wrapped.
+    Parameters
+    ----------
+    spatial_dims
+        2 for this bundle.
+    pretrained
+        whether to load ``weights_path``.
+    weights_path
+        local weights file (config id ``perceptual_loss_model_weights_path``).
+    state_dict_key
+        key of the state dict inside the file, if wrapped.
 
-    Raises:
-        ValueError: ``pretrained`` is true but no ``weights_path`` is given.
-        FileNotFoundError: ``weights_path`` does not exist.
-        RuntimeError: the weights do not fit ResNet50.
+    Raises
+    ------
+    ValueError
+        ``pretrained`` is true but no ``weights_path`` is given.
+    FileNotFoundError
+        ``weights_path`` does not exist.
+    RuntimeError
+        the weights do not fit ResNet50.
     """
     if pretrained:
         if not weights_path:

@@ -43,13 +43,19 @@ class VAEGANTrainer(AdversarialTrainer):
     ``d_loss_function(real_logits, fake_logits)`` are the adversarial terms (see ``scripts.losses``).
     The engine output carries the usual ``AdversarialKeys`` plus ``kl_loss`` and ``perceptual_loss``.
 
-    Args:
-        kl_weight: weight of the KL divergence.
-        perceptual_loss: a frozen perceptual loss module, or ``None`` to skip the term.
-        perceptual_weight: weight of the perceptual term.
-        adv_weight: weight of the adversarial terms; 0 disables both the generator's adversarial term and
-            the discriminator update.
-        kwargs: the arguments of ``monai.engines.AdversarialTrainer``.
+    Parameters
+    ----------
+    kl_weight
+        weight of the KL divergence.
+    perceptual_loss
+        a frozen perceptual loss module, or ``None`` to skip the term.
+    perceptual_weight
+        weight of the perceptual term.
+    adv_weight
+        weight of the adversarial terms; 0 disables both the generator's adversarial term and
+        the discriminator update.
+    kwargs
+        the arguments of ``monai.engines.AdversarialTrainer``.
     """
 
     def __init__(

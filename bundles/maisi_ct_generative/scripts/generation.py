@@ -123,9 +123,12 @@ def load_user_mask(path: str | os.PathLike, device: torch.device) -> MetaTensor:
     """
     Load and check a user label map (``mask_path``): one channel of non-negative integer ids, with foreground.
 
-    Raises:
-        FileNotFoundError: ``mask_path`` does not exist.
-        ValueError: naming ``mask_path``, when the file is not such a label map.
+    Raises
+    ------
+    FileNotFoundError
+        ``mask_path`` does not exist.
+    ValueError
+        naming ``mask_path``, when the file is not such a label map.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"mask_path={path} does not exist.")
@@ -229,7 +232,9 @@ def generate_ct_pairs(
     ``quality_check_max_attempts`` times; a sample that still fails is written and flagged
     ``"passed": false`` in the report, never passed off silently.
 
-    Returns:
+    Returns
+    -------
+    dict[str, Any]
         The run report (also written to ``<output_dir>/generation_report.json``).
     """
     device = torch.device(device)
@@ -304,12 +309,17 @@ def check_weight_files(paths: Mapping[str, str | os.PathLike | None], bundle_roo
     """
     Check that every needed weights or database file exists, before anything loads.
 
-    Args:
-        paths: config id -> path; ``None`` entries are not needed by this run and are skipped.
-        bundle_root: the bundle folder, for the download command in the message.
+    Parameters
+    ----------
+    paths
+        config id -> path; ``None`` entries are not needed by this run and are skipped.
+    bundle_root
+        the bundle folder, for the download command in the message.
 
-    Raises:
-        FileNotFoundError: listing every missing file with its config id and the download command.
+    Raises
+    ------
+    FileNotFoundError
+        listing every missing file with its config id and the download command.
     """
     missing = [f"{name}={path}" for name, path in paths.items() if path is not None and not Path(path).exists()]
     if missing:

@@ -149,10 +149,14 @@ class SizeConditionDatabase:
     """
     The anatomy-size database of the mask generator (``all_anatomy_size_conditions.json``).
 
-    Attributes:
-        sizes: (N, 10) float64 array, one row per entry, slots in ``CONTROLLABLE_ANATOMIES`` order.
-        entries: the other keys of each entry (empty mappings when the file holds plain lists).
-        source: where the database came from (for messages).
+    Attributes
+    ----------
+    sizes
+        (N, 10) float64 array, one row per entry, slots in ``CONTROLLABLE_ANATOMIES`` order.
+    entries
+        the other keys of each entry (empty mappings when the file holds plain lists).
+    source
+        where the database came from (for messages).
     """
 
     sizes: np.ndarray
@@ -168,10 +172,14 @@ class SizeConditionMatch:
     """
     The size condition of one request.
 
-    Attributes:
-        vector: the 10 sizes fed to the generator: the matched row with the user's slots overwritten.
-        index: row of the database that matched (the first one on ties).
-        distance: L1 distance of that row to the user's sizes over the user's slots.
+    Attributes
+    ----------
+    vector
+        the 10 sizes fed to the generator: the matched row with the user's slots overwritten.
+    index
+        row of the database that matched (the first one on ties).
+    distance
+        L1 distance of that row to the user's sizes over the user's slots.
     """
 
     vector: np.ndarray
@@ -216,16 +224,24 @@ def load_size_condition_database(
 
     The slots follow ``constants.CONTROLLABLE_ANATOMIES``.
 
-    Args:
-        path: the JSON file.
-        config_id: the config id that named the file, for error messages.
+    Parameters
+    ----------
+    path
+        the JSON file.
+    config_id
+        the config id that named the file, for error messages.
 
-    Returns:
+    Returns
+    -------
+    SizeConditionDatabase
         The database.
 
-    Raises:
-        FileNotFoundError: the file does not exist (the message names ``config_id``).
-        ValueError: the file is not JSON or not in a supported format (the message names ``config_id``).
+    Raises
+    ------
+    FileNotFoundError
+        the file does not exist (the message names ``config_id``).
+    ValueError
+        the file is not JSON or not in a supported format (the message names ``config_id``).
     """
     source = str(path)
     try:
@@ -275,12 +291,17 @@ def match_size_condition(
     The distance is the L1 distance over the slots the user gave (a size of -1 is a given value like any
     other); the first row of smallest distance wins, so ties go to the earlier database entry.
 
-    Args:
-        controllable_anatomy_size: ``[name, size]`` pairs (or a ``{name: size}`` mapping), checked with
-            ``validation.check_controllable_anatomy_size``; at least one pair.
-        database: the database, or an (N, 10) array of sizes.
+    Parameters
+    ----------
+    controllable_anatomy_size
+        ``[name, size]`` pairs (or a ``{name: size}`` mapping), checked with
+        ``validation.check_controllable_anatomy_size``; at least one pair.
+    database
+        the database, or an (N, 10) array of sizes.
 
-    Returns:
+    Returns
+    -------
+    SizeConditionMatch
         The 10-slot condition, the matched row index and its distance.
     """
     pairs = _checked_pairs(controllable_anatomy_size)
@@ -300,11 +321,16 @@ def size_condition_vector(
     """
     The generator's cross-attention context for a request (see :func:`match_size_condition`).
 
-    Args:
-        controllable_anatomy_size: ``[name, size]`` pairs (or a ``{name: size}`` mapping).
-        database: the size database, or an (N, 10) array of sizes.
+    Parameters
+    ----------
+    controllable_anatomy_size
+        ``[name, size]`` pairs (or a ``{name: size}`` mapping).
+    database
+        the size database, or an (N, 10) array of sizes.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         float32 tensor of shape (1, 1, 10).
     """
     match = match_size_condition(controllable_anatomy_size, database)
@@ -315,11 +341,16 @@ def requested_label_sizes(controllable_anatomy_size: Any, label_dict: Mapping[st
     """
     The user's sizes keyed by MAISI label id.
 
-    Args:
-        controllable_anatomy_size: ``[name, size]`` pairs (or a ``{name: size}`` mapping).
-        label_dict: name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
+    Parameters
+    ----------
+    controllable_anatomy_size
+        ``[name, size]`` pairs (or a ``{name: size}`` mapping).
+    label_dict
+        name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
 
-    Returns:
+    Returns
+    -------
+    dict[int, float]
         ``{label_id: size}`` in the order given.
     """
     label_dict = load_label_dict() if label_dict is None else label_dict
@@ -381,22 +412,35 @@ def generate_mask_latent(
     The loop is ``sampler.sample_latent`` (any MONAI scheduler; DDPM draws its step noise from
     ``generator``). On CUDA the UNet runs under float16 autocast; elsewhere in float32.
 
-    Args:
-        unet: ``DiffusionModelUNet`` with ``with_conditioning`` and ``cross_attention_dim`` 10.
-        scheduler: the scheduler (the published mask generator uses ``DDPMScheduler``, 1000 steps).
-        condition: (1, 1, 10) size condition (:func:`size_condition_vector`).
-        latent_shape: (channels, x, y, z) of the latent, e.g. ``mask_generation_latent_shape``.
-        generator: random generator on ``device``; it draws the start noise and every step's noise.
-        device: where to sample.
-        num_inference_steps: denoising steps; a DDPM scheduler was trained for ``num_train_timesteps``
-            and fewer steps are logged as a warning.
-        progress: show a progress bar.
+    Parameters
+    ----------
+    unet
+        ``DiffusionModelUNet`` with ``with_conditioning`` and ``cross_attention_dim`` 10.
+    scheduler
+        the scheduler (the published mask generator uses ``DDPMScheduler``, 1000 steps).
+    condition
+        (1, 1, 10) size condition (:func:`size_condition_vector`).
+    latent_shape
+        (channels, x, y, z) of the latent, e.g. ``mask_generation_latent_shape``.
+    generator
+        random generator on ``device``; it draws the start noise and every step's noise.
+    device
+        where to sample.
+    num_inference_steps
+        denoising steps; a DDPM scheduler was trained for ``num_train_timesteps``
+        and fewer steps are logged as a warning.
+    progress
+        show a progress bar.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         float32 latent of shape (1, *latent_shape) on ``device``.
 
-    Raises:
-        ValueError: invalid shape, condition or step count, or ``generator`` on another device.
+    Raises
+    ------
+    ValueError
+        invalid shape, condition or step count, or ``generator`` on another device.
     """
     device = torch.device(device)
     shape = _latent_shape(latent_shape)
@@ -480,26 +524,41 @@ def decode_mask(
     Large latents are decoded in split/sliding-window mode planned within the memory budget
     (``decode.plan_decode``; explicit values win).
 
-    Args:
-        autoencoder: the mask autoencoder (``AutoencoderKlMaisi``, out_channels = channel-table size).
-        latent: (1, C, x, y, z) latent, as sampled (scaled by ``scale_factor``).
-        scale_factor: ``mask_generation_scale_factor``.
-        channel_to_label: ``label_dict_124_to_132.json`` content or ``{channel: label_id}``.
-        roi_size: ``autoencoder_sliding_window_infer_size`` (latent voxels), ``None`` for automatic.
-        overlap: ``autoencoder_sliding_window_infer_overlap``.
-        num_splits: ``autoencoder_tp_num_splits``, ``None`` for automatic.
-        memory_budget_gb: memory for the decode, ``None`` for what the device has free.
-        progress: show the sliding-window progress bar.
+    Parameters
+    ----------
+    autoencoder
+        the mask autoencoder (``AutoencoderKlMaisi``, out_channels = channel-table size).
+    latent
+        (1, C, x, y, z) latent, as sampled (scaled by ``scale_factor``).
+    scale_factor
+        ``mask_generation_scale_factor``.
+    channel_to_label
+        ``label_dict_124_to_132.json`` content or ``{channel: label_id}``.
+    roi_size
+        ``autoencoder_sliding_window_infer_size`` (latent voxels), ``None`` for automatic.
+    overlap
+        ``autoencoder_sliding_window_infer_overlap``.
+    num_splits
+        ``autoencoder_tp_num_splits``, ``None`` for automatic.
+    memory_budget_gb
+        memory for the decode, ``None`` for what the device has free.
+    progress
+        show the sliding-window progress bar.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         int64 label map of shape (1, 1, 4x, 4y, 4z) on the CPU.
 
-    Note:
-        Blending tiles needs the logits, so the stitched output holds every channel: 125 x 256^3 float32
-        (8.4 GB) on the stitching device for the published model; only the label map is kept afterwards.
+    Raises
+    ------
+    ValueError
+        the channel table does not match the decoder's output channels.
 
-    Raises:
-        ValueError: the channel table does not match the decoder's output channels.
+    Notes
+    -----
+    Blending tiles needs the logits, so the stitched output holds every channel: 125 x 256^3 float32
+    (8.4 GB) on the stitching device for the published model; only the label map is kept afterwards.
     """
     logits = _decode_logits(autoencoder, latent, scale_factor, roi_size, overlap, num_splits, memory_budget_gb, progress)
     return mask_logits_to_labels(logits, channel_to_label).cpu()
@@ -526,11 +585,16 @@ def single_component_label_ids(label_dict: Mapping[str, int], include_vertebrae:
     ``include_vertebrae``, every vertebra (names starting with "vertebrae "). Names missing from
     ``label_dict`` are skipped.
 
-    Args:
-        label_dict: name -> id dictionary.
-        include_vertebrae: include the vertebrae (left out when a bone lesion is kept: a lesion can split one).
+    Parameters
+    ----------
+    label_dict
+        name -> id dictionary.
+    include_vertebrae
+        include the vertebrae (left out when a bone lesion is kept: a lesion can split one).
 
-    Returns:
+    Returns
+    -------
+    list[int]
         Sorted ids.
     """
     ids = {label_dict[name] for name in SINGLE_COMPONENT_ORGANS if name in label_dict}
@@ -544,10 +608,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     """
     The largest 26-connected component of a boolean mask (the first in scan order on ties).
 
-    Args:
-        mask: boolean array.
+    Parameters
+    ----------
+    mask
+        boolean array.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         Boolean array, empty when ``mask`` is.
     """
     components, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
@@ -579,11 +647,16 @@ def hepatic_vessel_to_liver(labels: np.ndarray, label_dict: Mapping[str, int]) -
     Relabel hepatic vessel as liver: the generator cannot size vessels, and the published
     post-processing folds them into the liver.
 
-    Args:
-        labels: 3D label map.
-        label_dict: name -> id dictionary ("hepatic vessel", "liver").
+    Parameters
+    ----------
+    labels
+        3D label map.
+    label_dict
+        name -> id dictionary ("hepatic vessel", "liver").
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     out = labels.copy()
@@ -599,11 +672,16 @@ def keep_body(labels: np.ndarray, size: int = CLOSING_SIZE) -> np.ndarray:
     back, and every voxel outside becomes background. When the erosion leaves nothing, the largest
     component of the foreground itself is kept (the reference would erase the whole mask).
 
-    Args:
-        labels: 3D label map.
-        size: edge of the cube.
+    Parameters
+    ----------
+    labels
+        3D label map.
+    size
+        edge of the cube.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     foreground = labels != BACKGROUND_LABEL
@@ -626,12 +704,18 @@ def replace_unrequested_tumors(
     around it, bone lesion -> the majority bone around it. (The published post-processing used a fixed
     lobe, 28, and body, 200, for the last two.) Other labels are untouched.
 
-    Args:
-        labels: 3D label map.
-        keep: tumour ids to keep (the requested ones).
-        label_dict: name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
+    Parameters
+    ----------
+    labels
+        3D label map.
+    keep
+        tumour ids to keep (the requested ones).
+    label_dict
+        name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     drop = sorted(_TUMOR_IDS - {int(t) for t in keep})
@@ -647,12 +731,18 @@ def fill_tumor(labels: np.ndarray, tumor_id: int, size: int = CLOSING_SIZE) -> n
 
     Closing-gap and cavity voxels become tumour whatever they held (as in the published code).
 
-    Args:
-        labels: 3D label map.
-        tumor_id: the tumour's id.
-        size: edge of the closing cube.
+    Parameters
+    ----------
+    labels
+        3D label map.
+    tumor_id
+        the tumour's id.
+    size
+        edge of the closing cube.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     boxes = _boxes(labels, [tumor_id], margin=size // 2 + 1)
@@ -672,12 +762,18 @@ def keep_largest_components(labels: np.ndarray, label_ids: Iterable[int], fill: 
 
     One ``ndimage.label`` per label, on its bounding box.
 
-    Args:
-        labels: 3D label map.
-        label_ids: the labels to process (absent ones are skipped).
-        fill: label of the removed voxels (the body envelope, as in the published code).
+    Parameters
+    ----------
+    labels
+        3D label map.
+    label_ids
+        the labels to process (absent ones are skipped).
+    fill
+        label of the removed voxels (the body envelope, as in the published code).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     out = labels.copy()
@@ -692,12 +788,18 @@ def remove_organs(labels: np.ndarray, label_ids: Iterable[int], fill: int = BODY
     """
     Remove anatomies (requested with size -1): their voxels become ``fill``.
 
-    Args:
-        labels: 3D label map.
-        label_ids: ids to remove.
-        fill: the label that replaces them (the body envelope).
+    Parameters
+    ----------
+    labels
+        3D label map.
+    label_ids
+        ids to remove.
+    fill
+        the label that replaces them (the body envelope).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     out = labels.copy()
@@ -710,12 +812,18 @@ def connect_bowel(labels: np.ndarray, label_dict: Mapping[str, int], fill: int =
     Keep the intestinal tract connected: small-bowel and colon voxels outside the largest connected
     component of stomach + duodenum + small bowel + colon (``BOWEL_ORGANS``) become ``fill``.
 
-    Args:
-        labels: 3D label map.
-        label_dict: name -> id dictionary.
-        fill: the label of removed voxels.
+    Parameters
+    ----------
+    labels
+        3D label map.
+    label_dict
+        name -> id dictionary.
+    fill
+        the label of removed voxels.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     connected = [label_dict[n] for n in BOWEL_ORGANS["connected"] if n in label_dict]
@@ -733,12 +841,18 @@ def close_organs(labels: np.ndarray, label_ids: Iterable[int], size: int = CLOSI
 
     This refills the small holes left where other structures' fragments were removed.
 
-    Args:
-        labels: 3D label map.
-        label_ids: the organs, in processing order.
-        size: edge of the closing cube.
+    Parameters
+    ----------
+    labels
+        3D label map.
+    label_ids
+        the organs, in processing order.
+    size
+        edge of the closing cube.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The new label map.
     """
     out = labels.copy()
@@ -788,12 +902,18 @@ def postprocess_generated_mask(
     which are heuristic, partly inert (the liver+vessel+tumour union test never holds) or for ids the
     generator is not controlled with.
 
-    Args:
-        labels: generated label map, (X, Y, Z) or with leading singleton axes (numpy or torch).
-        requested: ``{label_id: size}`` of the request (:func:`requested_label_sizes`).
-        label_dict: name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
+    Parameters
+    ----------
+    labels
+        generated label map, (X, Y, Z) or with leading singleton axes (numpy or torch).
+    requested
+        ``{label_id: size}`` of the request (:func:`requested_label_sizes`).
+    label_dict
+        name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
 
-    Returns:
+    Returns
+    -------
+    NdarrayOrTensor
         The cleaned label map, same type, shape and dtype as ``labels``.
     """
     label_dict = load_label_dict() if label_dict is None else label_dict
@@ -834,11 +954,16 @@ class MaskGenerationNetworks:
     """
     The mask generator.
 
-    Attributes:
-        autoencoder: the mask autoencoder (``mask_generation_autoencoder_def``), weights loaded, eval mode.
-        diffusion_unet: the mask ``DiffusionModelUNet`` (``mask_generation_diffusion_def``).
-        noise_scheduler: ``mask_generation_noise_scheduler`` (DDPM in the published model).
-        scale_factor: ``mask_generation_scale_factor``.
+    Attributes
+    ----------
+    autoencoder
+        the mask autoencoder (``mask_generation_autoencoder_def``), weights loaded, eval mode.
+    diffusion_unet
+        the mask ``DiffusionModelUNet`` (``mask_generation_diffusion_def``).
+    noise_scheduler
+        ``mask_generation_noise_scheduler`` (DDPM in the published model).
+    scale_factor
+        ``mask_generation_scale_factor``.
     """
 
     autoencoder: torch.nn.Module
@@ -901,23 +1026,40 @@ def generate_mask(
     post-processing -> resampling to ``output_size``/``spacing`` (nearest neighbour, then pad/crop) ->
     check that every anatomy requested with a size other than -1 is present.
 
-    Args:
-        networks: the mask generator.
-        controllable_anatomy_size: ``[name, size]`` pairs (size in [0, 1] or -1 to remove), at least one.
-        size_database: :func:`load_size_condition_database` result (or an (N, 10) array).
-        output_size: (x, y, z) voxels of the returned mask.
-        spacing: (x, y, z) mm of the returned mask.
-        seed: seed of the generator's noise; the same seed gives the same mask.
-        device: where the networks run (they must already be there).
-        channel_to_label: the channel table; ``None`` reads the packaged ``label_dict_124_to_132.json``.
-        label_dict: name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
-        latent_shape: ``mask_generation_latent_shape``, (channels, x, y, z).
-        mask_generation_spacing: spacing (mm, one number or three) of the generator's grid.
-        num_inference_steps: ``mask_generation_num_inference_steps``.
-        roi_size, overlap, num_splits, memory_budget_gb: decode knobs (see :func:`decode_mask`).
-        progress: show progress bars.
+    Parameters
+    ----------
+    networks
+        the mask generator.
+    controllable_anatomy_size
+        ``[name, size]`` pairs (size in [0, 1] or -1 to remove), at least one.
+    size_database
+        :func:`load_size_condition_database` result (or an (N, 10) array).
+    output_size
+        (x, y, z) voxels of the returned mask.
+    spacing
+        (x, y, z) mm of the returned mask.
+    seed
+        seed of the generator's noise; the same seed gives the same mask.
+    device
+        where the networks run (they must already be there).
+    channel_to_label
+        the channel table; ``None`` reads the packaged ``label_dict_124_to_132.json``.
+    label_dict
+        name -> id dictionary; ``None`` reads the packaged ``label_dict.json``.
+    latent_shape
+        ``mask_generation_latent_shape``, (channels, x, y, z).
+    mask_generation_spacing
+        spacing (mm, one number or three) of the generator's grid.
+    num_inference_steps
+        ``mask_generation_num_inference_steps``.
+    roi_size, overlap, num_splits, memory_budget_gb
+        decode knobs (see :func:`decode_mask`).
+    progress
+        show progress bars.
 
-    Returns:
+    Returns
+    -------
+    tuple[MetaTensor, dict[str, Any]]
         ``(mask, info)``: ``mask`` is an int16 ``MetaTensor`` of shape (1, *output_size) on the CPU whose
         affine carries ``spacing`` (diagonal, as the published generator's); ``info`` holds
         ``size_condition`` (the 10 sizes fed to the generator), ``database_index``, ``database_distance``,
@@ -925,9 +1067,11 @@ def generate_mask(
         ``label_ids`` (ids in the mask) and ``top_region_index``/``bottom_region_index`` (unscaled
         one-hots, ``None`` when the mask has no region label).
 
-    Raises:
-        ValueError: invalid inputs, or a requested anatomy absent after post-processing or resampling
-            (the message names ``controllable_anatomy_size`` and the anatomy).
+    Raises
+    ------
+    ValueError
+        invalid inputs, or a requested anatomy absent after post-processing or resampling
+        (the message names ``controllable_anatomy_size`` and the anatomy).
     """
     device = torch.device(device)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:

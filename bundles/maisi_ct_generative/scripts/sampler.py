@@ -34,14 +34,21 @@ class SamplingConditions:
     """
     Everything a denoising step is conditioned on, built once per sample.
 
-    Attributes:
-        spacing: (B, 3) spacing condition, already scaled (``labels.spacing_condition``), or ``None``.
-        class_labels: (B,) long modality codes (rflow versions), or ``None``.
-        top_region: (B, 4) scaled top body-region one-hot (ddpm-ct), or ``None``.
-        bottom_region: (B, 4) scaled bottom body-region one-hot (ddpm-ct), or ``None``.
-        controlnet_cond: (B, 8, X, Y, Z) bit-plane mask for the ControlNet, or ``None`` (no ControlNet).
-        unconditional_controlnet_cond: the mask of the unconditional branch of classifier-free guidance
-            (tumour-free, ``labels.remove_tumors``); defaults to ``controlnet_cond``.
+    Attributes
+    ----------
+    spacing
+        (B, 3) spacing condition, already scaled (``labels.spacing_condition``), or ``None``.
+    class_labels
+        (B,) long modality codes (rflow versions), or ``None``.
+    top_region
+        (B, 4) scaled top body-region one-hot (ddpm-ct), or ``None``.
+    bottom_region
+        (B, 4) scaled bottom body-region one-hot (ddpm-ct), or ``None``.
+    controlnet_cond
+        (B, 8, X, Y, Z) bit-plane mask for the ControlNet, or ``None`` (no ControlNet).
+    unconditional_controlnet_cond
+        the mask of the unconditional branch of classifier-free guidance
+        (tumour-free, ``labels.remove_tumors``); defaults to ``controlnet_cond``.
     """
 
     spacing: torch.Tensor | None = None
@@ -162,19 +169,32 @@ def sample_latent(
     """
     Denoise ``noise`` into a latent.
 
-    Args:
-        unet: ``DiffusionModelUNetMaisi`` (or any UNet with the same keyword interface).
-        scheduler: ``RFlowScheduler`` (velocity prediction) or ``DDPMScheduler``/``DDIMScheduler``.
-        noise: (B, C, x, y, z) start noise; its dtype is the dtype of the loop (fp16 only on CUDA).
-        conditions: conditioning tensors (``SamplingConditions``).
-        num_inference_steps: number of denoising steps.
-        controlnet: ``ControlNetMaisi`` for mask-conditioned generation, or ``None``.
-        guidance_scale: classifier-free guidance scale; 0 turns guidance off (one branch only).
-        generator: random generator of stochastic schedulers (DDPM), for reproducible samples.
-        progress: show a progress bar.
-        step_callback: called with ``(step_index, latent)`` after every step.
+    Parameters
+    ----------
+    unet
+        ``DiffusionModelUNetMaisi`` (or any UNet with the same keyword interface).
+    scheduler
+        ``RFlowScheduler`` (velocity prediction) or ``DDPMScheduler``/``DDIMScheduler``.
+    noise
+        (B, C, x, y, z) start noise; its dtype is the dtype of the loop (fp16 only on CUDA).
+    conditions
+        conditioning tensors (``SamplingConditions``).
+    num_inference_steps
+        number of denoising steps.
+    controlnet
+        ``ControlNetMaisi`` for mask-conditioned generation, or ``None``.
+    guidance_scale
+        classifier-free guidance scale; 0 turns guidance off (one branch only).
+    generator
+        random generator of stochastic schedulers (DDPM), for reproducible samples.
+    progress
+        show a progress bar.
+    step_callback
+        called with ``(step_index, latent)`` after every step.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         The denoised latent, same shape and dtype as ``noise``.
     """
     if guidance_scale < 0 or not math.isfinite(guidance_scale):

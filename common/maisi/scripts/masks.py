@@ -94,15 +94,24 @@ class Candidate:
     """
     One entry of the candidate-mask database.
 
-    Attributes:
-        filename: ``pseudo_label_filename``, relative to ``folder``.
-        folder: the mask folder (``all_mask_files_base_dir``).
-        spacing: voxel spacing in mm.
-        dim: spatial size in voxels.
-        label_ids: the label ids present in the mask (``label_list``).
-        top_region: index (0 head, 1 chest, 2 abdomen, 3 pelvis) of the top body region, ``None`` if unknown.
-        bottom_region: index of the bottom body region, ``None`` if unknown.
-        label_filename: optional ``label_filename`` (manual label), relative to ``folder``.
+    Attributes
+    ----------
+    filename
+        ``pseudo_label_filename``, relative to ``folder``.
+    folder
+        the mask folder (``all_mask_files_base_dir``).
+    spacing
+        voxel spacing in mm.
+    dim
+        spatial size in voxels.
+    label_ids
+        the label ids present in the mask (``label_list``).
+    top_region
+        index (0 head, 1 chest, 2 abdomen, 3 pelvis) of the top body region, ``None`` if unknown.
+    bottom_region
+        index of the bottom body region, ``None`` if unknown.
+    label_filename
+        optional ``label_filename`` (manual label), relative to ``folder``.
     """
 
     filename: str
@@ -188,19 +197,27 @@ def load_candidate_database(database_json: str | os.PathLike, mask_folder: str |
     """
     Read the candidate-mask database, extracting the mask folder from ``<mask_folder>.zip`` on first use.
 
-    Args:
-        database_json: the database (config id ``all_mask_files_json``): a JSON list of entries with
-            ``pseudo_label_filename``, ``spacing``, ``dim``, ``label_list`` and optionally
-            ``label_filename``, ``top_region_index``, ``bottom_region_index`` (4-slot one-hots).
-        mask_folder: the folder holding the masks (config id ``all_mask_files_base_dir``).
+    Parameters
+    ----------
+    database_json
+        the database (config id ``all_mask_files_json``): a JSON list of entries with
+        ``pseudo_label_filename``, ``spacing``, ``dim``, ``label_list`` and optionally
+        ``label_filename``, ``top_region_index``, ``bottom_region_index`` (4-slot one-hots).
+    mask_folder
+        the folder holding the masks (config id ``all_mask_files_base_dir``).
 
-    Returns:
+    Returns
+    -------
+    list[Candidate]
         One :class:`Candidate` per entry, in database order.
 
-    Raises:
-        FileNotFoundError: the database or the mask folder (and its zip) is missing; the message names the
-            config id and the command that downloads it.
-        ValueError: the database is not a list of valid entries.
+    Raises
+    ------
+    FileNotFoundError
+        the database or the mask folder (and its zip) is missing; the message names the
+        config id and the command that downloads it.
+    ValueError
+        the database is not a list of valid entries.
     """
     database_json, mask_folder = Path(database_json), Path(mask_folder)
     if not database_json.is_file():
@@ -247,12 +264,18 @@ def filter_candidates(candidates: Iterable[Candidate], anatomy_ids: Iterable[int
     every requested region (entries without region information are not filtered on regions), and it holds
     no tumour (``constants.TUMOR_LABELS``) that was not requested.
 
-    Args:
-        candidates: database entries.
-        anatomy_ids: raw MAISI label ids that must be present (``anatomy_list``).
-        region_indices: body-region indices (0 head, 1 chest, 2 abdomen, 3 pelvis) to cover (``body_region``).
+    Parameters
+    ----------
+    candidates
+        database entries.
+    anatomy_ids
+        raw MAISI label ids that must be present (``anatomy_list``).
+    region_indices
+        body-region indices (0 head, 1 chest, 2 abdomen, 3 pelvis) to cover (``body_region``).
 
-    Returns:
+    Returns
+    -------
+    list[Candidate]
         The kept candidates, in input order.
     """
     required = frozenset(int(i) for i in anatomy_ids)
@@ -321,16 +344,24 @@ def load_label_file(path: str | os.PathLike, device: torch.device | str | None =
     """
     Load a label file as a (1, X, Y, Z) integer label map in RAS orientation.
 
-    Args:
-        path: a file any MONAI reader opens (NIfTI, ...).
-        device: where to put the mask; defaults to the CPU.
-        strict: refuse non-integer or negative values instead of rounding them (for user files).
+    Parameters
+    ----------
+    path
+        a file any MONAI reader opens (NIfTI, ...).
+    device
+        where to put the mask; defaults to the CPU.
+    strict
+        refuse non-integer or negative values instead of rounding them (for user files).
 
-    Returns:
+    Returns
+    -------
+    MetaTensor
         A ``MetaTensor`` of :data:`MASK_DTYPE` carrying the file's affine (reoriented to RAS).
 
-    Raises:
-        ValueError: with ``strict``, when the file is not a label map of non-negative integer ids.
+    Raises
+    ------
+    ValueError
+        with ``strict``, when the file is not a label map of non-negative integer ids.
     """
     image = LoadImage(image_only=True, ensure_channel_first=True)(path)
     if image.shape[0] != 1:
@@ -360,12 +391,18 @@ def resample_mask(mask: MetaTensor, target_spacing: Sequence[float], output_size
     """
     Resample a label map to ``target_spacing`` (nearest neighbour), then pad (with 0) or crop it to ``output_size``.
 
-    Args:
-        mask: (1, X, Y, Z) label map with its affine.
-        target_spacing: spacing in mm.
-        output_size: spatial size in voxels.
+    Parameters
+    ----------
+    mask
+        (1, X, Y, Z) label map with its affine.
+    target_spacing
+        spacing in mm.
+    output_size
+        spatial size in voxels.
 
-    Returns:
+    Returns
+    -------
+    MetaTensor
         A (1, *output_size) ``MetaTensor`` of :data:`MASK_DTYPE` whose affine carries ``target_spacing``.
     """
     resampled = Spacing(pixdim=tuple(target_spacing), mode="nearest", padding_mode="zeros", dtype=torch.float32)(mask.float())
@@ -388,12 +425,17 @@ class RetrievedMask:
     """
     A mask chosen for generation.
 
-    Attributes:
-        source: the database filename it came from (``pseudo_label_filename``).
-        resampled: whether it was resampled to the requested geometry.
-        mask: the (1, X, Y, Z) label map (``MetaTensor``); shared between repeats of the same source, so
-            copy it before editing in place.
-        candidate: its database entry.
+    Attributes
+    ----------
+    source
+        the database filename it came from (``pseudo_label_filename``).
+    resampled
+        whether it was resampled to the requested geometry.
+    mask
+        the (1, X, Y, Z) label map (``MetaTensor``); shared between repeats of the same source, so
+        copy it before editing in place.
+    candidate
+        its database entry.
     """
 
     source: str
@@ -466,22 +508,36 @@ def retrieve_masks(
     ``max(2 * num_masks, 5)``) have been tried. The pool is shuffled with ``rng`` and cycled through when
     ``num_masks`` exceeds it.
 
-    Args:
-        candidates: the database (:func:`load_candidate_database`).
-        anatomy_ids: raw MAISI ids every mask must contain (``anatomy_list``).
-        region_indices: body-region indices every mask must cover (``body_region``).
-        output_size: requested spatial size.
-        spacing: requested spacing in mm.
-        num_masks: how many masks to return.
-        rng: source of every random choice.
-        device: where to load the masks.
-        max_resample_candidates: how many non-exact candidates may be resampled at most.
+    Parameters
+    ----------
+    candidates
+        the database (:func:`load_candidate_database`).
+    anatomy_ids
+        raw MAISI ids every mask must contain (``anatomy_list``).
+    region_indices
+        body-region indices every mask must cover (``body_region``).
+    output_size
+        requested spatial size.
+    spacing
+        requested spacing in mm.
+    num_masks
+        how many masks to return.
+    rng
+        source of every random choice.
+    device
+        where to load the masks.
+    max_resample_candidates
+        how many non-exact candidates may be resampled at most.
 
-    Returns:
+    Returns
+    -------
+    list[RetrievedMask]
         ``num_masks`` :class:`RetrievedMask` (repeats share their tensor).
 
-    Raises:
-        ValueError: no candidate fits; the message names the request and what to relax.
+    Raises
+    ------
+    ValueError
+        no candidate fits; the message names the request and what to relax.
     """
     if num_masks < 1:
         raise ValueError(f"num_masks must be >= 1, got {num_masks}.")
@@ -542,12 +598,18 @@ def close_labels(label_map: np.ndarray, label_ids: Sequence[int], size: int = CL
     """
     Close each label of ``label_ids`` with a ``size``^3 cube (dilation, then erosion; background padding).
 
-    Args:
-        label_map: (X, Y, Z) integer label map.
-        label_ids: labels to close; voxels claimed by several closed labels go to the later one.
-        size: edge of the cubic structuring element.
+    Parameters
+    ----------
+    label_map
+        (X, Y, Z) integer label map.
+    label_ids
+        labels to close; voxels claimed by several closed labels go to the later one.
+    size
+        edge of the cubic structuring element.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         A new label map; voxels outside every closed label keep their value.
     """
     ids = np.asarray(list(label_ids), dtype=label_map.dtype)
@@ -629,13 +691,20 @@ class AugmentationResult:
     """
     What an augmentation did.
 
-    Attributes:
-        augmented: whether the mask was changed.
-        kind: ``"tumor"``, ``"zoom"`` or ``"none"``.
-        tumor_id: the tumour label that was moved (``None`` for the other kinds).
-        attempts: random transforms drawn.
-        size_ratio: fraction of the tumour's voxels kept inside its organ by the accepted (or best) draw.
-        message: a human-readable summary.
+    Attributes
+    ----------
+    augmented
+        whether the mask was changed.
+    kind
+        ``"tumor"``, ``"zoom"`` or ``"none"``.
+    tumor_id
+        the tumour label that was moved (``None`` for the other kinds).
+    attempts
+        random transforms drawn.
+    size_ratio
+        fraction of the tumour's voxels kept inside its organ by the accepted (or best) draw.
+    message
+        a human-readable summary.
     """
 
     augmented: bool
@@ -693,7 +762,9 @@ def _place(
     """
     Draw moved tumours until one keeps ``min_voxels`` inside ``allowed``.
 
-    Returns:
+    Returns
+    -------
+    tuple[torch.Tensor | None, int, int]
         The accepted tumour clipped to ``allowed`` (``None`` if every draw failed), the attempts made and
         the largest number of voxels kept by a draw.
     """
@@ -741,19 +812,30 @@ def augment_tumor(
     pancreas; colon: the closed colon). The accepted tumour is closed with a 5^3 cube and clipped to the
     allowed organ. After ``max_attempts`` rejections, the original mask is returned unchanged.
 
-    Args:
-        mask: (1, X, Y, Z) integer label map (tensor or ``MetaTensor``); it is not modified.
-        tumor_id: the tumour label (one of :data:`TUMOR_AUGMENTATION_ORDER`).
-        rng: source of every random draw (the MONAI transform is seeded from it).
-        device: where the random transforms run; defaults to the mask's device.
-        max_attempts: random draws before giving up.
-        min_size_ratio: acceptance threshold; ``None`` uses the tumour type's (0.8, lung 0.85).
+    Parameters
+    ----------
+    mask
+        (1, X, Y, Z) integer label map (tensor or ``MetaTensor``); it is not modified.
+    tumor_id
+        the tumour label (one of :data:`TUMOR_AUGMENTATION_ORDER`).
+    rng
+        source of every random draw (the MONAI transform is seeded from it).
+    device
+        where the random transforms run; defaults to the mask's device.
+    max_attempts
+        random draws before giving up.
+    min_size_ratio
+        acceptance threshold; ``None`` uses the tumour type's (0.8, lung 0.85).
 
-    Returns:
+    Returns
+    -------
+    tuple[torch.Tensor, AugmentationResult]
         The augmented mask (same type, dtype, device and metadata) and an :class:`AugmentationResult`.
 
-    Raises:
-        ValueError: ``tumor_id`` is not an augmentable tumour or ``max_attempts`` < 1.
+    Raises
+    ------
+    ValueError
+        ``tumor_id`` is not an augmentable tumour or ``max_attempts`` < 1.
     """
     if tumor_id not in _TUMOR_MOTIONS:
         raise ValueError(f"tumour id {tumor_id} cannot be augmented; supported ids: {list(TUMOR_AUGMENTATION_ORDER)}.")
@@ -810,13 +892,20 @@ def augment_body(
     The metadata (affine) is kept: the zoom varies the anatomy, not the stated geometry. A zoom-out is
     padded by repeating the border (MONAI's default), so a body cut by the field of view stays cut.
 
-    Args:
-        mask: (1, X, Y, Z) integer label map; it is not modified.
-        rng: source of the zoom factor.
-        min_zoom: smallest zoom factor.
-        max_zoom: largest zoom factor.
+    Parameters
+    ----------
+    mask
+        (1, X, Y, Z) integer label map; it is not modified.
+    rng
+        source of the zoom factor.
+    min_zoom
+        smallest zoom factor.
+    max_zoom
+        largest zoom factor.
 
-    Returns:
+    Returns
+    -------
+    tuple[torch.Tensor, AugmentationResult]
         The zoomed mask (same type, dtype, device and metadata) and an :class:`AugmentationResult`.
     """
     zoom = RandZoom(prob=1.0, min_zoom=min_zoom, max_zoom=max_zoom, mode="nearest", keep_size=True)
@@ -839,15 +928,24 @@ def augment_mask(
     Augment a retrieved mask: move every tumour it holds (:func:`augment_tumor`, in
     :data:`TUMOR_AUGMENTATION_ORDER`), or zoom a tumour-free mask slightly (:func:`augment_body`).
 
-    Args:
-        mask: (1, X, Y, Z) integer label map; it is not modified.
-        rng: source of every random draw.
-        device: where the random transforms run; defaults to the mask's device.
-        zoom: zoom tumour-free masks (otherwise they are returned unchanged).
-        max_attempts: per tumour, see :func:`augment_tumor`.
-        min_size_ratio: per tumour, see :func:`augment_tumor`.
+    Parameters
+    ----------
+    mask
+        (1, X, Y, Z) integer label map; it is not modified.
+    rng
+        source of every random draw.
+    device
+        where the random transforms run; defaults to the mask's device.
+    zoom
+        zoom tumour-free masks (otherwise they are returned unchanged).
+    max_attempts
+        per tumour, see :func:`augment_tumor`.
+    min_size_ratio
+        per tumour, see :func:`augment_tumor`.
 
-    Returns:
+    Returns
+    -------
+    tuple[torch.Tensor, tuple[AugmentationResult, ...]]
         The augmented mask and one :class:`AugmentationResult` per step.
     """
     present = [t for t in TUMOR_AUGMENTATION_ORDER if bool((mask == t).any())]

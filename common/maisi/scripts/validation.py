@@ -212,14 +212,20 @@ def load_label_dict(path: str | os.PathLike) -> dict[str, int]:
     """
     Read ``label_dict.json`` (anatomy name -> MAISI label id).
 
-    Args:
-        path: the file, the ``label_dict_json`` config id.
+    Parameters
+    ----------
+    path
+        the file, the ``label_dict_json`` config id.
 
-    Returns:
+    Returns
+    -------
+    dict[str, int]
         The mapping, in file order.
 
-    Raises:
-        ValueError: the file is missing, is not JSON, or does not map names to integer ids >= 1.
+    Raises
+    ------
+    ValueError
+        the file is missing, is not JSON, or does not map names to integer ids >= 1.
     """
     return _load_name_to_code("label_dict_json", path, minimum=1)
 
@@ -228,11 +234,15 @@ def load_modality_mapping(path: str | os.PathLike) -> dict[str, int]:
     """
     Read ``modality_mapping.json`` (modality name -> code, e.g. ``"ct": 1``, ``"mri_t1": 9``).
 
-    Args:
-        path: the file, the ``modality_mapping_json`` config id.
+    Parameters
+    ----------
+    path
+        the file, the ``modality_mapping_json`` config id.
 
-    Raises:
-        ValueError: the file is missing, is not JSON, or does not map names to integer codes >= 0.
+    Raises
+    ------
+    ValueError
+        the file is missing, is not JSON, or does not map names to integer codes >= 0.
     """
     return _load_name_to_code("modality_mapping_json", path, minimum=0)
 
@@ -248,7 +258,9 @@ def check_output_size_ct(output_size: Any) -> tuple[int, int, int]:
 
     Other sizes (e.g. any multiple of 16) are not supported by the released CT weights.
 
-    Returns:
+    Returns
+    -------
+    tuple[int, int, int]
         ``(x, y, z)`` as integers.
     """
     x, y, z = _int_triple("output_size", output_size)
@@ -272,7 +284,9 @@ def check_spacing_ct(spacing: Any, output_size: Any) -> tuple[float, float, floa
     ``output_size[0] * spacing[0]`` at least ``CT_MIN_FIELD_OF_VIEW_MM`` (smaller views are out of
     the training distribution and come out poorly).
 
-    Returns:
+    Returns
+    -------
+    tuple[float, float, float]
         ``(x, y, z)`` as floats.
     """
     sx, sy, sz = _float_triple("spacing", spacing)
@@ -304,7 +318,9 @@ def check_output_size_mr(output_size: Any) -> tuple[int, int, int]:
     Check an MR ``output_size``: z = 128 needs x = y in {128, 256, 384, 512}; z = 256 needs (x, y) one
     of (128, 256), (256, 128), (256, 256); other z are not supported (``MR_OUTPUT_SIZES``).
 
-    Returns:
+    Returns
+    -------
+    tuple[int, int, int]
         ``(x, y, z)`` as integers.
     """
     size = _int_triple("output_size", output_size)
@@ -325,7 +341,9 @@ def check_spacing_mr(spacing: Any) -> tuple[float, float, float]:
     """
     Check an MR ``spacing`` (mm): every axis in ``MR_SPACING_RANGE``; anisotropic x/y is allowed.
 
-    Returns:
+    Returns
+    -------
+    tuple[float, float, float]
         ``(x, y, z)`` as floats.
     """
     values = _float_triple("spacing", spacing)
@@ -352,11 +370,15 @@ def check_body_region(body_region: Any) -> list[int]:
     "chest/thorax", "lower", "pelvis/lower"). A single name may be given as a string. An empty list
     means no region filter.
 
-    Returns:
+    Returns
+    -------
+    list[int]
         The distinct region indices, sorted.
 
-    Raises:
-        ValueError: a name is not a body region (the closest valid name is suggested).
+    Raises
+    ------
+    ValueError
+        a name is not a body region (the closest valid name is suggested).
     """
     names = [body_region] if isinstance(body_region, str) else _as_list("body_region", body_region)
     allowed = list(BODY_REGION_ALIASES)
@@ -386,12 +408,16 @@ def check_anatomy_list(anatomy_list: Any, label_dict: Mapping[str, int]) -> list
     anatomies) or an integer id present in ``label_dict`` (a placeholder id is accepted, since
     fine-tuning may give it a new class). An empty list is allowed.
 
-    Returns:
+    Returns
+    -------
+    list[int]
         The label ids, in the order given.
 
-    Raises:
-        ValueError: an unknown name (the closest anatomy is suggested), an unknown id, or an anatomy
-            listed twice.
+    Raises
+    ------
+    ValueError
+        an unknown name (the closest anatomy is suggested), an unknown id, or an anatomy
+        listed twice.
     """
     entries = _as_list("anatomy_list", anatomy_list)
     names = _anatomy_names(label_dict)
@@ -477,20 +503,30 @@ def check_anatomy_matches_regions(
     mask retrieval (``masks.filter_candidates``), an entry holding a tumour (``TUMOR_LABELS``) that is
     not requested is not used when ``exclude_unrequested_tumors``.
 
-    Args:
-        anatomy_ids: label ids (``check_anatomy_list``).
-        region_indices: body-region indices (``check_body_region``).
-        candidate_entries: the entries of the candidate-mask database JSON (dicts), or objects with
-            ``label_ids`` and ``region_span`` such as ``masks.Candidate``.
-        label_names: label id -> name, to name the anatomies in the message (e.g. the inverted label dict).
-        exclude_unrequested_tumors: skip entries that hold a tumour not in ``anatomy_ids``.
+    Parameters
+    ----------
+    anatomy_ids
+        label ids (``check_anatomy_list``).
+    region_indices
+        body-region indices (``check_body_region``).
+    candidate_entries
+        the entries of the candidate-mask database JSON (dicts), or objects with
+        ``label_ids`` and ``region_span`` such as ``masks.Candidate``.
+    label_names
+        label id -> name, to name the anatomies in the message (e.g. the inverted label dict).
+    exclude_unrequested_tumors
+        skip entries that hold a tumour not in ``anatomy_ids``.
 
-    Returns:
+    Returns
+    -------
+    list[Any]
         The matching entries, in input order.
 
-    Raises:
-        ValueError: no entry matches; the message names ``anatomy_list`` and ``body_region`` and lists,
-            for each requested anatomy, the body regions in which the database has it.
+    Raises
+    ------
+    ValueError
+        no entry matches; the message names ``anatomy_list`` and ``body_region`` and lists,
+        for each requested anatomy, the body regions in which the database has it.
     """
     wanted = {int(i) for i in anatomy_ids}
     regions = sorted({int(r) for r in region_indices})
@@ -535,7 +571,9 @@ def check_controllable_anatomy_size(controllable_anatomy_size: Any) -> list[tupl
     (case-insensitive), each at most once, with at most one tumour (``TUMOR_LABELS``); sizes in
     [0, 1] (relative size) or exactly -1 (remove the anatomy). An empty list disables mask generation.
 
-    Returns:
+    Returns
+    -------
+    list[tuple[str, float]]
         The ``(name, size)`` pairs, names lower-case.
     """
     pairs = _as_list("controllable_anatomy_size", controllable_anatomy_size)
@@ -596,13 +634,19 @@ def resolve_modality(modality: Any, modality_mapping: Mapping[str, int], allowed
     Resolve ``modality`` (a name such as ``"ct"`` or ``"mri_t1"``, case-insensitive, or an integer code
     of ``modality_mapping``) to its code, refusing the other family.
 
-    Args:
-        modality: the ``modality`` config id.
-        modality_mapping: ``modality_mapping.json`` (name -> code).
-        allowed: ``"ct"`` (codes 1..7) or ``"mr"`` (codes >= 8). Code 0 ("unknown", the
-            classifier-free-guidance null class) is never allowed.
+    Parameters
+    ----------
+    modality
+        the ``modality`` config id.
+    modality_mapping
+        ``modality_mapping.json`` (name -> code).
+    allowed
+        ``"ct"`` (codes 1..7) or ``"mr"`` (codes >= 8). Code 0 ("unknown", the
+        classifier-free-guidance null class) is never allowed.
 
-    Returns:
+    Returns
+    -------
+    int
         The modality code.
     """
     family = allowed.strip().lower() if isinstance(allowed, str) else allowed
@@ -672,14 +716,20 @@ def check_sliding_window(
     """
     Check the decoder's memory knobs.
 
-    Args:
-        roi_size: ``autoencoder_sliding_window_infer_size``, the sliding-window ROI in **latent** voxels
-            (x4 in image voxels), or ``None`` to decode the whole latent at once.
-        overlap: ``autoencoder_sliding_window_infer_overlap``, in [0, 1).
-        num_splits: ``autoencoder_tp_num_splits``, the autoencoder's spatial split count (an integer
-            >= 1), or ``None`` for the network config's default.
+    Parameters
+    ----------
+    roi_size
+        ``autoencoder_sliding_window_infer_size``, the sliding-window ROI in **latent** voxels
+        (x4 in image voxels), or ``None`` to decode the whole latent at once.
+    overlap
+        ``autoencoder_sliding_window_infer_overlap``, in [0, 1).
+    num_splits
+        ``autoencoder_tp_num_splits``, the autoencoder's spatial split count (an integer
+        >= 1), or ``None`` for the network config's default.
 
-    Returns:
+    Returns
+    -------
+    tuple[tuple[int, int, int] | None, float, int | None]
         ``(roi_size, overlap, num_splits)`` normalised.
     """
     roi = None if roi_size is None else _int_triple("autoencoder_sliding_window_infer_size", roi_size)
@@ -706,11 +756,16 @@ def check_output_ext(name: str, ext: Any) -> str:
     ``.nii.gz`` and ``.nii`` need nibabel (or itk); ``.nrrd``, ``.mha`` and ``.dcm`` need itk
     (``OUTPUT_EXT_BACKENDS``). The leading dot is optional and case is ignored, as in ``SaveImage``.
 
-    Args:
-        name: the config id, ``image_output_ext`` or ``label_output_ext``.
-        ext: the extension.
+    Parameters
+    ----------
+    name
+        the config id, ``image_output_ext`` or ``label_output_ext``.
+    ext
+        the extension.
 
-    Returns:
+    Returns
+    -------
+    str
         The extension, lower-case with its leading dot.
     """
     key = ext.strip().lower() if isinstance(ext, str) else None
@@ -741,22 +796,38 @@ class CTGenerationInputs:
     """
     The normalised inputs of one CT generation run (``validate_ct_generation_inputs``).
 
-    Attributes:
-        version: ``"rflow-ct"`` or ``"ddpm-ct"``.
-        output_size: (x, y, z) voxels.
-        spacing: (x, y, z) mm.
-        region_indices: body-region indices the candidate mask must span (empty with mask generation).
-        anatomy_ids: label ids required in the mask and kept in the output label file, in order.
-        controllable_anatomy_size: ``(name, size)`` pairs; non-empty means the mask is generated.
-        modality: modality code fed to the UNet, ``None`` for ddpm-ct (no modality input).
-        num_inference_steps: image diffusion steps.
-        mask_generation_num_inference_steps: mask diffusion steps.
-        cfg_guidance_scale: classifier-free guidance scale (0 = off).
-        autoencoder_sliding_window_infer_size: latent ROI of the decoder, ``None`` for one pass.
-        autoencoder_sliding_window_infer_overlap: sliding-window overlap.
-        autoencoder_tp_num_splits: autoencoder split count, ``None`` for the network default.
-        image_output_ext: image file extension.
-        label_output_ext: label file extension.
+    Attributes
+    ----------
+    version
+        ``"rflow-ct"`` or ``"ddpm-ct"``.
+    output_size
+        (x, y, z) voxels.
+    spacing
+        (x, y, z) mm.
+    region_indices
+        body-region indices the candidate mask must span (empty with mask generation).
+    anatomy_ids
+        label ids required in the mask and kept in the output label file, in order.
+    controllable_anatomy_size
+        ``(name, size)`` pairs; non-empty means the mask is generated.
+    modality
+        modality code fed to the UNet, ``None`` for ddpm-ct (no modality input).
+    num_inference_steps
+        image diffusion steps.
+    mask_generation_num_inference_steps
+        mask diffusion steps.
+    cfg_guidance_scale
+        classifier-free guidance scale (0 = off).
+    autoencoder_sliding_window_infer_size
+        latent ROI of the decoder, ``None`` for one pass.
+    autoencoder_sliding_window_infer_overlap
+        sliding-window overlap.
+    autoencoder_tp_num_splits
+        autoencoder split count, ``None`` for the network default.
+    image_output_ext
+        image file extension.
+    label_output_ext
+        label file extension.
     """
 
     version: str
@@ -786,17 +857,28 @@ class MRGenerationInputs:
     """
     The normalised inputs of one MR generation run (``validate_mr_generation_inputs``).
 
-    Attributes:
-        version: ``"rflow-mr"`` or ``"rflow-mr-brain"``.
-        output_size: (x, y, z) voxels.
-        spacing: (x, y, z) mm.
-        modality: MR modality code (>= 8).
-        num_inference_steps: diffusion steps.
-        cfg_guidance_scale: classifier-free guidance scale (0 = off).
-        autoencoder_sliding_window_infer_size: latent ROI of the decoder, ``None`` for one pass.
-        autoencoder_sliding_window_infer_overlap: sliding-window overlap.
-        autoencoder_tp_num_splits: autoencoder split count, ``None`` for the network default.
-        image_output_ext: image file extension.
+    Attributes
+    ----------
+    version
+        ``"rflow-mr"`` or ``"rflow-mr-brain"``.
+    output_size
+        (x, y, z) voxels.
+    spacing
+        (x, y, z) mm.
+    modality
+        MR modality code (>= 8).
+    num_inference_steps
+        diffusion steps.
+    cfg_guidance_scale
+        classifier-free guidance scale (0 = off).
+    autoencoder_sliding_window_infer_size
+        latent ROI of the decoder, ``None`` for one pass.
+    autoencoder_sliding_window_infer_overlap
+        sliding-window overlap.
+    autoencoder_tp_num_splits
+        autoencoder split count, ``None`` for the network default.
+    image_output_ext
+        image file extension.
     """
 
     version: str
@@ -844,25 +926,39 @@ def validate_ct_generation_inputs(
       ``anatomy_list`` are validated and, when ``candidate_masks`` (the database entries) is given,
       checked against it (``check_anatomy_matches_regions``).
 
-    Args:
-        version: ``"rflow-ct"`` or ``"ddpm-ct"``.
-        output_size, spacing: see ``check_output_size_ct`` and ``check_spacing_ct``.
-        label_dict_json: path of ``label_dict.json``.
-        body_region, anatomy_list, controllable_anatomy_size: see the matching ``check_*`` functions.
-        modality: CT modality name or code; ``None`` means ``"ct"`` (1). ddpm-ct has no modality
-            input, so only ``None`` or a CT modality is accepted and the result's modality is ``None``.
-        modality_mapping_json: path of ``modality_mapping.json``, required when ``modality`` is given.
-        num_inference_steps: image diffusion steps in [1, 1000]; ``None`` for the version default
-            (rflow-ct 30, ddpm-ct 1000).
-        mask_generation_num_inference_steps: mask diffusion steps in [1, 1000]; ``None`` for 1000.
-        cfg_guidance_scale: tumour classifier-free guidance scale, >= 0 (0 = off); ``None`` for 0.
-        autoencoder_sliding_window_infer_size, autoencoder_sliding_window_infer_overlap,
-            autoencoder_tp_num_splits: see ``check_sliding_window``.
-        image_output_ext, label_output_ext: see ``check_output_ext``.
-        candidate_masks: the entries of the candidate-mask database JSON, or ``None`` to skip that check.
+    Parameters
+    ----------
+    version
+        ``"rflow-ct"`` or ``"ddpm-ct"``.
+    output_size, spacing
+        see ``check_output_size_ct`` and ``check_spacing_ct``.
+    label_dict_json
+        path of ``label_dict.json``.
+    body_region, anatomy_list, controllable_anatomy_size
+        see the matching ``check_*`` functions.
+    modality
+        CT modality name or code; ``None`` means ``"ct"`` (1). ddpm-ct has no modality
+        input, so only ``None`` or a CT modality is accepted and the result's modality is ``None``.
+    modality_mapping_json
+        path of ``modality_mapping.json``, required when ``modality`` is given.
+    num_inference_steps
+        image diffusion steps in [1, 1000]; ``None`` for the version default
+        (rflow-ct 30, ddpm-ct 1000).
+    mask_generation_num_inference_steps
+        mask diffusion steps in [1, 1000]; ``None`` for 1000.
+    cfg_guidance_scale
+        tumour classifier-free guidance scale, >= 0 (0 = off); ``None`` for 0.
+    autoencoder_sliding_window_infer_size, autoencoder_sliding_window_infer_overlap, autoencoder_tp_num_splits
+        see ``check_sliding_window``.
+    image_output_ext, label_output_ext
+        see ``check_output_ext``.
+    candidate_masks
+        the entries of the candidate-mask database JSON, or ``None`` to skip that check.
 
-    Raises:
-        ValueError: the first input that fails; the message names its config id.
+    Raises
+    ------
+    ValueError
+        the first input that fails; the message names its config id.
     """
     version = _check_version(version, CT_VERSIONS, "CT")
     size = check_output_size_ct(output_size)
@@ -937,21 +1033,32 @@ def validate_mr_generation_inputs(
     MR generation has no ControlNet and no mask generator, so ``body_region``, ``anatomy_list`` and
     ``controllable_anatomy_size`` must be empty (they exist to refuse a CT-style request clearly).
 
-    Args:
-        version: ``"rflow-mr"`` or ``"rflow-mr-brain"``.
-        output_size, spacing: see ``check_output_size_mr`` and ``check_spacing_mr``.
-        modality: MR modality name (e.g. ``"mri_t1"``) or code (>= 8); required, it selects the contrast.
-        modality_mapping_json: path of ``modality_mapping.json``.
-        num_inference_steps: diffusion steps in [1, 1000]; ``None`` for 30.
-        cfg_guidance_scale: modality classifier-free guidance scale, >= 0; ``None`` for the version
-            default (rflow-mr 15, rflow-mr-brain 2).
-        autoencoder_sliding_window_infer_size, autoencoder_sliding_window_infer_overlap,
-            autoencoder_tp_num_splits: see ``check_sliding_window``.
-        image_output_ext: see ``check_output_ext``.
-        body_region, anatomy_list, controllable_anatomy_size: must be empty.
+    Parameters
+    ----------
+    version
+        ``"rflow-mr"`` or ``"rflow-mr-brain"``.
+    output_size, spacing
+        see ``check_output_size_mr`` and ``check_spacing_mr``.
+    modality
+        MR modality name (e.g. ``"mri_t1"``) or code (>= 8); required, it selects the contrast.
+    modality_mapping_json
+        path of ``modality_mapping.json``.
+    num_inference_steps
+        diffusion steps in [1, 1000]; ``None`` for 30.
+    cfg_guidance_scale
+        modality classifier-free guidance scale, >= 0; ``None`` for the version
+        default (rflow-mr 15, rflow-mr-brain 2).
+    autoencoder_sliding_window_infer_size, autoencoder_sliding_window_infer_overlap, autoencoder_tp_num_splits
+        see ``check_sliding_window``.
+    image_output_ext
+        see ``check_output_ext``.
+    body_region, anatomy_list, controllable_anatomy_size
+        must be empty.
 
-    Raises:
-        ValueError: the first input that fails; the message names its config id.
+    Raises
+    ------
+    ValueError
+        the first input that fails; the message names its config id.
     """
     version = _check_version(version, MR_VERSIONS, "MR")
     reason = "MR generation is image-only (no MR ControlNet or mask generator)"
