@@ -47,6 +47,8 @@ SHARED_SOURCES = (
     SharedSource("common/core", "*.py", ("brats_ldm2d", *MAISI_BUNDLES), "scripts"),
     SharedSource("common/maisi/scripts", "*.py", MAISI_BUNDLES, "scripts"),
     SharedSource("common/maisi/data", "*.json", MAISI_BUNDLES, "configs"),
+    # modality-neutral training configs, layered on each bundle's own inference.json
+    SharedSource("common/maisi/configs", "*.json", MAISI_BUNDLES, "configs"),
 )
 
 
