@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -19,14 +18,17 @@ from bundle_helpers import REPO_ROOT, bundle_scripts
 SHAPE = (24, 20, 16)
 SPACING = (1.0, 1.5, 2.5)  # anisotropic: X' = 24, Y' = 30, Z' = 40 pixels at 1 mm
 LIVER, SPLEEN, BODY, BRAIN_NCR = 1, 3, 200, 401
-ITK_ONLY_EXTS = (".nrrd", ".mha", ".dcm")
-requires_no_itk = pytest.mark.skipif(importlib.util.find_spec("itk") is not None, reason="itk is installed")
+ITK_ONLY_EXTS = (".nrrd", ".mha")
 
 
 @pytest.fixture(scope="module")
 def maisi():
     with bundle_scripts(REPO_ROOT / "common" / "maisi"):
-        yield importlib.import_module("scripts.outputs"), importlib.import_module("scripts.quality")
+        yield (
+            importlib.import_module("scripts.outputs"),
+            importlib.import_module("scripts.quality"),
+            importlib.import_module("scripts.validation"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,11 @@ def outputs(maisi):
 @pytest.fixture(scope="module")
 def quality(maisi):
     return maisi[1]
+
+
+@pytest.fixture(scope="module")
+def validation(maisi):
+    return maisi[2]
 
 
 def _ct_image(seed: int = 0) -> np.ndarray:
@@ -156,17 +163,74 @@ def test_finalized_ct_round_trips(outputs, quality, tmp_path):
     assert (data[labels == 0] == -1000).all()
 
 
-@requires_no_itk
 @pytest.mark.parametrize("ext", ITK_ONLY_EXTS)
-def test_itk_only_extension_without_itk_names_the_id(outputs, tmp_path, ext):
+def test_itk_only_extension_without_itk_names_the_id(outputs, validation, tmp_path, monkeypatch, ext):
+    monkeypatch.setattr(validation, "_backend_available", lambda module: module != "itk")  # itk "not installed"
     with pytest.raises(ValueError, match=r"image_output_ext=.*needs the 'itk' package"):
         outputs.sample_filenames(tmp_path, 0, 1, ext, ".nii.gz")
     with pytest.raises(ValueError, match=r"label_output_ext=.*itk"):
         outputs.sample_filenames(tmp_path, 0, 1, ".nii.gz", ext)
     with pytest.raises(ValueError, match=r"image_output_ext=.*itk"):
         outputs.write_volume(_ct_image(), tmp_path / f"ct{ext}", SPACING, np.int16, config_id="image_output_ext")
-    with pytest.raises(ValueError, match=r"output_ext=.*itk"):
+    with pytest.raises(ValueError, match=r"output_ext=.*itk.*\['\.nii\.gz', '\.nii'\]"):
         outputs.write_volume(_ct_image(), tmp_path / f"ct{ext}", SPACING, np.int16)
+    assert _files(tmp_path) == []
+    monkeypatch.undo()  # with itk back, the same write succeeds
+    assert outputs.write_volume(_ct_image(), tmp_path / f"ct{ext}", SPACING, np.int16).exists()
+
+
+def _read_with_itk(path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(X, Y, Z) data in its on-disk dtype, the RAS affine MONAI's ITKReader derives, and itk's pixel type."""
+    import itk
+    from monai.transforms import LoadImage
+
+    image = itk.imread(str(path))
+    on_disk = itk.array_from_image(image).transpose(2, 1, 0)  # a copy; itk arrays are (Z, Y, X)
+    loaded = LoadImage(reader="ITKReader", image_only=True, dtype=None)(str(path))
+    np.testing.assert_array_equal(np.asarray(loaded), on_disk)
+    spacing = tuple(float(s) for s in image.GetSpacing())
+    np.testing.assert_allclose(spacing, np.abs(np.diag(np.asarray(loaded.affine)[:3, :3])))
+    return on_disk, np.asarray(loaded.affine, dtype=np.float64), str(itk.template(image)[1][0])
+
+
+@pytest.mark.parametrize("ext", [*ITK_ONLY_EXTS, ".nii"])
+def test_itk_round_trip_keeps_values_dtype_and_geometry(outputs, tmp_path, ext):
+    """Each extension stores exactly the NIfTI's values, dtype and geometry (diag(spacing), RAS, origin 0)."""
+    image, labels, small_labels = _ct_image(2), _labels(BRAIN_NCR), _labels()
+    reference = nib.load(outputs.write_volume(image, tmp_path / "reference.nii.gz", SPACING, np.int16))
+    written = {
+        "image": (outputs.write_volume(image, tmp_path / f"ct{ext}", SPACING, np.int16), image, np.int16),
+        "labels": (outputs.write_labels(labels, tmp_path / f"label{ext}", SPACING), labels, np.int16),
+        "small": (outputs.write_labels(small_labels, tmp_path / f"small{ext}", SPACING), small_labels, np.uint8),
+    }
+    for name, (path, expected, dtype) in written.items():
+        data, affine, _ = _read_with_itk(path)
+        assert data.shape == SHAPE, name
+        assert data.dtype == dtype, name
+        np.testing.assert_array_equal(data, expected)
+        np.testing.assert_allclose(affine, reference.affine, atol=1e-6)  # same world geometry as the NIfTI
+        np.testing.assert_allclose(affine, np.diag([*SPACING, 1.0]), atol=1e-6)
+        assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    assert np.unique(_read_with_itk(written["labels"][0])[0]).tolist() == [0, LIVER, SPLEEN, BODY, BRAIN_NCR]
+    assert not [name for name in _files(tmp_path) if name.startswith(".")]  # no temporary left behind
+
+
+def test_itk_file_stores_lps_direction_and_zero_origin(outputs, tmp_path):
+    """ITK's own header: LPS direction diag(-1, -1, 1) (= RAS identity), spacing in mm, origin 0."""
+    import itk
+
+    image = itk.imread(str(outputs.write_volume(_ct_image(), tmp_path / "ct.nrrd", SPACING, np.int16)))
+    np.testing.assert_allclose(np.asarray(image.GetDirection()), np.diag([-1.0, -1.0, 1.0]))
+    np.testing.assert_allclose(tuple(image.GetSpacing()), SPACING)
+    np.testing.assert_allclose(tuple(image.GetOrigin()), (0.0, 0.0, 0.0))
+
+
+def test_dicom_extension_refused_with_its_reason(outputs, tmp_path):
+    for ext in (".dcm", "DCM"):
+        with pytest.raises(ValueError, match=rf"image_output_ext='{ext}' is not allowed: .*DICOM.*'\.nrrd'"):
+            outputs.sample_filenames(tmp_path, 0, 1, ext, ".nii.gz")
+    with pytest.raises(ValueError, match=r"label_output_ext='.dcm' is not allowed"):
+        outputs.write_labels(_labels(), tmp_path / "label.dcm", SPACING)
     assert _files(tmp_path) == []
 
 

@@ -370,11 +370,14 @@ def test_output_ext(v, monkeypatch):
     monkeypatch.setattr(v, "_backend_available", lambda module: module == "nibabel")
     with _raises("label_output_ext='.nrrd'", "'itk' package", "not installed", "['.nii.gz', '.nii']"):
         v.check_output_ext("label_output_ext", ".nrrd")
-    with _raises("label_output_ext='.dcm'", "'itk' package"):
-        v.check_output_ext("label_output_ext", ".dcm")
+    with _raises("label_output_ext='.mha'", "'itk' package"):
+        v.check_output_ext("label_output_ext", ".mha")
     monkeypatch.setattr(v, "_backend_available", lambda module: True)
     assert v.check_output_ext("label_output_ext", ".nrrd") == ".nrrd"
-    assert v.check_output_ext("label_output_ext", ".dcm") == ".dcm"
+    assert v.check_output_ext("label_output_ext", "MHA") == ".mha"
+    for dicom in (".dcm", "dcm"):  # refused even with itk: int16 volumes cannot be one DICOM file
+        with _raises(f"label_output_ext={dicom!r} is not allowed", "DICOM", "'.nrrd'"):
+            v.check_output_ext("label_output_ext", dicom)
 
 
 def test_output_ext_matches_monai_writers(v):

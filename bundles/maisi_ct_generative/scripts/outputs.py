@@ -19,7 +19,7 @@ Right along axis 0, toward Anterior along axis 1 and toward Superior along axis 
 NIfTI's RAS+ frame (+x = patient right, +y = anterior, +z = superior, in mm), so the affine is simply
 ``diag(sx, sy, sz, 1)`` (:func:`make_affine`) and ``nibabel.aff2axcodes`` of it is ``('R', 'A', 'S')``.
 The origin is 0: the *centre* of voxel ``(0, 0, 0)`` is at world ``(0, 0, 0)``, so voxel ``(i, j, k)`` is at
-``(i * sx, j * sy, k * sz)`` mm. ITK-based writers (``.nrrd``, ``.mha``, ``.dcm``) receive the same RAS
+``(i * sx, j * sy, k * sz)`` mm. ITK-based writers (``.nrrd``, ``.mha``) receive the same RAS
 affine and convert it to ITK's LPS convention themselves, so every format describes the same geometry.
 
 Files
@@ -214,7 +214,7 @@ def _atomic_write(path: Path, ext: str, write: Callable[[str], None]) -> Path:
 
 def volume_extension(path: str | os.PathLike, config_id: str = "output_ext") -> str:
     """
-    The volume extension of ``path`` (``".nii.gz"``, ``".nii"``, ``".nrrd"``, ``".mha"`` or ``".dcm"``),
+    The volume extension of ``path`` (``".nii.gz"``, ``".nii"``, ``".nrrd"`` or ``".mha"``),
     checked against the installed writer packages.
 
     Parameters

@@ -50,6 +50,7 @@ __all__ = [
     "MR_VERSIONS",
     "MRGenerationInputs",
     "OUTPUT_EXT_BACKENDS",
+    "REFUSED_OUTPUT_EXTS",
     "check_anatomy_list",
     "check_anatomy_matches_regions",
     "check_body_region",
@@ -111,7 +112,16 @@ OUTPUT_EXT_BACKENDS = MappingProxyType(
         ".nii": ("nibabel", "itk"),
         ".nrrd": ("itk",),
         ".mha": ("itk",),
-        ".dcm": ("itk",),
+    }
+)
+# Extensions MONAI resolves to a writer that cannot store a generated volume correctly, with the reason.
+REFUSED_OUTPUT_EXTS = MappingProxyType(
+    {
+        ".dcm": (
+            "itk's DICOM (GDCM) writer stores a 3D volume as one multi-frame file only for unsigned pixels, so "
+            "int16 HU (and label maps with ids above 255) cannot be written; write '.nii.gz', '.nrrd' or '.mha' "
+            "and convert it to a DICOM series with a DICOM tool"
+        ),
     }
 )
 
@@ -753,8 +763,9 @@ def check_output_ext(name: str, ext: Any) -> str:
     """
     Check that MONAI's ``SaveImage`` can write a 3D volume with the extension ``ext``.
 
-    ``.nii.gz`` and ``.nii`` need nibabel (or itk); ``.nrrd``, ``.mha`` and ``.dcm`` need itk
-    (``OUTPUT_EXT_BACKENDS``). The leading dot is optional and case is ignored, as in ``SaveImage``.
+    ``.nii.gz`` and ``.nii`` need nibabel (or itk); ``.nrrd`` and ``.mha`` need itk
+    (``OUTPUT_EXT_BACKENDS``). ``.dcm`` is refused with its reason (``REFUSED_OUTPUT_EXTS``). The leading
+    dot is optional and case is ignored, as in ``SaveImage``.
 
     Parameters
     ----------
@@ -771,6 +782,10 @@ def check_output_ext(name: str, ext: Any) -> str:
     key = ext.strip().lower() if isinstance(ext, str) else None
     if key and not key.startswith("."):
         key = f".{key}"
+    if key in REFUSED_OUTPUT_EXTS:
+        raise ValueError(
+            f"{name}={ext!r} is not allowed: {REFUSED_OUTPUT_EXTS[key]}; allowed: {list(OUTPUT_EXT_BACKENDS)}."
+        )
     if key not in OUTPUT_EXT_BACKENDS:
         allowed = {e: " or ".join(m) for e, m in OUTPUT_EXT_BACKENDS.items()}
         raise ValueError(
