@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Loss terms of the KL autoencoder GAN: KL divergence, frozen perceptual network, least-squares adversarial terms."""
+"""Loss terms of the KL autoencoder GAN (2D and 3D): KL divergence, frozen perceptual network, least-squares adversarial terms."""
 
 from __future__ import annotations
 
@@ -59,24 +59,29 @@ def build_perceptual_loss(
     pretrained: bool,
     weights_path: str | os.PathLike | None,
     state_dict_key: str | None = "state_dict",
+    fake_3d_ratio: float = 0.2,
 ) -> PerceptualLoss:
     """
     Build the frozen ResNet50 perceptual loss without ever downloading weights.
 
-    ``pretrained=False`` gives a randomly initialised (frozen) ResNet50, as the published default.
+    ``pretrained=False`` gives a randomly initialised (frozen) ResNet50, as the published BraTS default.
     ``pretrained=True`` needs ``weights_path``: a local ResNet50 state dict (torchvision layout, optionally
     wrapped under ``state_dict_key``). Loading is strict apart from the unused classifier head (``fc.*``).
+    In 3D the 2D network is applied "2.5D" to a random ``fake_3d_ratio`` of the slices along each axis
+    (MONAI's ``is_fake_3d``), as the published MAISI autoencoder training does.
 
     Parameters
     ----------
     spatial_dims
-        2 for this bundle.
+        2 or 3.
     pretrained
         whether to load ``weights_path``.
     weights_path
         local weights file (config id ``perceptual_loss_model_weights_path``).
     state_dict_key
         key of the state dict inside the file, if wrapped.
+    fake_3d_ratio
+        fraction of the slices used per axis in 3D (ignored in 2D).
 
     Raises
     ------
@@ -95,7 +100,17 @@ def build_perceptual_loss(
             )
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"perceptual_loss_model_weights_path={weights_path} does not exist.")
-    loss = PerceptualLoss(spatial_dims=spatial_dims, network_type="resnet50", pretrained=False)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims={spatial_dims} is not allowed; the perceptual loss supports 2 or 3.")
+    if not 0.0 < fake_3d_ratio <= 1.0:
+        raise ValueError(f"fake_3d_ratio={fake_3d_ratio} is not allowed; it must lie in (0, 1].")
+    loss = PerceptualLoss(
+        spatial_dims=spatial_dims,
+        network_type="resnet50",
+        is_fake_3d=spatial_dims == 3,
+        fake_3d_ratio=fake_3d_ratio,
+        pretrained=False,
+    )
     if pretrained:
         state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
         if state_dict_key and state_dict_key in state_dict:
@@ -113,3 +128,47 @@ def build_perceptual_loss(
         feature_extractor.load_state_dict(head_free, strict=True)
     loss.requires_grad_(False)
     return loss.eval()
+
+
+def local_perceptual_loss(
+    spatial_dims: int,
+    perceptual_weight: float,
+    weights_path: str | os.PathLike | None,
+    fake_3d_ratio: float = 0.2,
+    device: torch.device | str = "cpu",
+) -> PerceptualLoss | None:
+    """
+    The perceptual loss of a training config that never uses random or downloaded perceptual weights.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    perceptual_weight
+        weight of the perceptual term (config id ``perceptual_weight``); 0 disables the term.
+    weights_path
+        local ResNet50 state dict (config id ``perceptual_loss_model_weights_path``).
+    fake_3d_ratio
+        fraction of the slices used per axis in 3D.
+    device
+        device of the loss network.
+
+    Returns
+    -------
+    PerceptualLoss | None
+        ``None`` when ``perceptual_weight`` is 0, otherwise the frozen loss with the local weights.
+
+    Raises
+    ------
+    ValueError
+        ``perceptual_weight`` > 0 without ``weights_path``.
+    """
+    if perceptual_weight == 0:
+        return None
+    if not weights_path:
+        raise ValueError(
+            f"perceptual_weight={perceptual_weight} needs perceptual_loss_model_weights_path: a local ResNet50 "
+            "state dict (torchvision layout; nothing is downloaded at run time). Set --perceptual_weight 0 to "
+            "train without the perceptual term."
+        )
+    return build_perceptual_loss(spatial_dims, True, weights_path, fake_3d_ratio=fake_3d_ratio).to(device)

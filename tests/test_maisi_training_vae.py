@@ -1,0 +1,173 @@
+"""MAISI autoencoder training (configs/train_autoencoder.json on top of inference.json) on tiny synthetic CT volumes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.utils import AdversarialKeys
+
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+
+BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
+CONFIGS = ["inference.json", "train_autoencoder.json"]
+SHAPE = (24, 24, 24)
+TINY = {
+    "autoencoder_def#num_channels": [8, 8, 8],
+    "autoencoder_def#num_res_blocks": [1, 1, 1],
+    "autoencoder_def#norm_num_groups": 8,
+    "autoencoder_def#num_splits": 1,
+    "discriminator_def#channels": 8,
+    "discriminator_def#num_layers_d": 2,
+}
+
+
+def _ct_volume(rng: np.random.Generator) -> np.ndarray:
+    """A body (0 HU) in air (-1000 HU) with a bright sphere at a random place: learnable in a few dozen steps."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
+    volume = np.full(SHAPE, -1000.0, dtype=np.float32)
+    volume[3:-3, 3:-3, :] = 0.0
+    centre = rng.integers(8, 16, size=3).reshape(3, 1, 1, 1)
+    volume[((grid - centre) ** 2).sum(0) < 16] = 600.0
+    return volume
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae_data")
+    rng = np.random.default_rng(0)
+    entries = []
+    for index, fold in enumerate([1, 1, 1, 1, 0]):
+        name = f"case{index}.nii.gz"
+        nib.save(nib.Nifti1Image(_ct_volume(rng), np.diag([1.5, 1.5, 2.0, 1.0])), str(root / name))
+        entries.append({"image": name, "fold": fold})
+    (root / "datalist.json").write_text(json.dumps({"training": entries}))
+    return root
+
+
+def _overrides(dataset, output_dir, **extra):
+    return {
+        "bundle_root": str(BUNDLE),
+        "dataset_dir": str(dataset),
+        "train_output_dir": str(output_dir),
+        "finetune": False,
+        "patch_size": [16, 16, 16],
+        "val_sliding_window_patch_size": [16, 16, 16],
+        "batch_size": 2,
+        "num_workers": 0,
+        "cache_rate": 1.0,
+        "perceptual_weight": 0.0,
+        "lr_warmup": False,
+        "lr": 0.002,
+        "log_every_n_iterations": 1,
+        **TINY,
+        **extra,
+    }
+
+
+def _parser(overrides):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in CONFIGS])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def test_reconstruction_loss_goes_down(dataset, tmp_path):
+    overrides = _overrides(dataset, tmp_path, max_epochs=12, val_interval=12, adv_weight=0.0, random_aug=False, spacing_type="original")
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = _parser(overrides)
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        evaluator = parser.get_parsed_content("validate#evaluator")
+        evaluator.run()
+        untrained = dict(evaluator.state.metrics)
+        losses: list[float] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(scripts.trainers.loss_terms(e.state.output)[AdversarialKeys.RECONSTRUCTION_LOSS]))
+        trainer.run()
+        metrics = evaluator.state.metrics
+    assert len(losses) == 12 * 2  # 4 training images, batch 2
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.5 * first, (first, last)
+    assert metrics["val_psnr"] > untrained["val_psnr"] + 2, (untrained, metrics)  # sliding-window validation improves
+    assert metrics["val_ssim"] > untrained["val_ssim"] and 0 < metrics["val_ssim"] <= 1
+
+
+def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
+    resnet = tmp_path / "resnet50.pt"
+    from torchvision.models import resnet50
+
+    torch.save({"state_dict": resnet50().state_dict()}, resnet)  # a local perceptual network: nothing is downloaded
+    overrides = _overrides(dataset, tmp_path / "run", max_epochs=1, val_interval=1, perceptual_weight=0.3, perceptual_loss_model_weights_path=str(resnet))
+    log = run_bundle(BUNDLE, CONFIGS, overrides).stdout
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2
+    assert {"autoencoder", "discriminator", "optimizer_g", "optimizer_d", "lr_scheduler_g", "lr_scheduler_d"} <= set(checkpoint)
+    assert "val_psnr" in log and "perceptual_loss" in log
+    first_export = torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)
+
+    log = run_bundle(BUNDLE, CONFIGS, {**overrides, "max_epochs": 2, "perceptual_weight": 0.0}).stdout
+    assert "resumed from" in log and "at epoch 1 (iteration 2)" in log
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 4
+    exported = torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)
+    assert set(exported) == set(first_export) and not all(torch.equal(exported[k], first_export[k]) for k in exported)
+
+    # the generation config uses the export by changing trained_autoencoder_path only (strict load)
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+        parser["bundle_root"] = str(BUNDLE)
+        for key, value in TINY.items():
+            if key.startswith("autoencoder_def"):
+                parser[key] = value
+        parser["trained_autoencoder_path"] = str(tmp_path / "run" / "autoencoder.pt")
+        autoencoder = parser.get_parsed_content("autoencoder_def")
+        scripts.checkpoint.load_network_weights(autoencoder, parser.get_parsed_content("trained_autoencoder_path"))
+    for key, value in autoencoder.state_dict().items():
+        torch.testing.assert_close(value, exported[key])
+
+    # fine-tuning starts from the exported weights (strict load through trained_autoencoder_path)
+    finetuned = {**overrides, "train_output_dir": str(tmp_path / "finetune"), "finetune": True, "val_interval": 5}
+    finetuned["trained_autoencoder_path"] = str(tmp_path / "run" / "autoencoder.pt")
+    with bundle_scripts(BUNDLE):
+        parser = _parser(finetuned)
+        parser.get_parsed_content("initialize")
+        network = parser.get_parsed_content("gnetwork")
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, exported[key])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"recon_loss": "l3"}, "recon_loss='l3'"),
+        ({"patch_size": [30, 16, 16]}, "patch_size=[30, 16, 16]"),
+        ({"spacing_type": "fixed"}, "resample_spacing=None"),
+        ({"spacing_type": "rand_zoom", "random_aug": False}, "random_aug=False"),
+        ({"kl_weight": -1.0}, "kl_weight=-1.0"),
+        ({"perceptual_weight": 0.3}, "perceptual_loss_model_weights_path"),
+        ({"validation_fold": 7}, "no validation entries"),
+    ],
+)
+def test_bad_ids_refused_before_weights_load(dataset, tmp_path, extra, message):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    overrides = _overrides(dataset, tmp_path, finetune=True, trained_autoencoder_path=str(corrupt), **extra)
+    with bundle_scripts(BUNDLE), pytest.raises(Exception) as error:
+        _parser(overrides).get_parsed_content("initialize")
+    assert message in str(error.value)
+
+
+def test_torchrun_two_processes(dataset, tmp_path):
+    overrides = _overrides(dataset, tmp_path, max_epochs=1, val_interval=1, batch_size=1)
+    log = run_bundle(BUNDLE, [*CONFIGS, "multi_gpu_train_autoencoder.json"], overrides, torchrun_procs=2).stdout
+    checkpoint = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2  # 4 images over 2 ranks, batch 1
+    assert (tmp_path / "autoencoder.pt").is_file() and "val_psnr" in log
+    assert checkpoint["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(0.004)  # lr x world size
