@@ -179,3 +179,136 @@ def test_user_mask_ddpm_and_guidance(workspace, tmp_path):
     run_bundle(BUNDLE, ["inference.json"], unguided)
     images = [np.asarray(nib.load(_load(tmp_path / d / "generation_report.json")[1][0]["image"]).dataobj) for d in ("cfg", "nocfg")]
     assert not np.array_equal(*images)  # the unconditional branch (modality 0) changes the result
+
+
+# ---------------------------------------------------------------------------------------------------- Path A
+# The mask generator (controllable_anatomy_size) through the bundle config. A random tiny generator decodes
+# to label noise that post-processing erases, so the tiny mask autoencoder is crafted: its last GroupNorm
+# outputs a constant (weight 0, bias 1) and its last 3x3x3 convolution (zero padding) turns the number of
+# in-volume neighbours n of each voxel (27 inside, 18 on a face, 12 on an edge, 8 at a corner) into
+# logits: background 10, body n, pancreas 2n - 22. The decoded mask is therefore known exactly: pancreas
+# inside, a one-voxel body shell, background at the 8 corners, whatever the seed. Channel 2 holds raw id 4
+# (pancreas) and channel 3 raw id 1 (liver, never winning), so a renumbering would show.
+PANCREAS, LIVER, BODY = 4, 1, 200
+MASK_CHANNELS = {"background": [0, 0], "body": [1, BODY], "pancreas": [2, PANCREAS], "liver": [3, LIVER]}
+MASK_LOGITS = {0: (0.0, 10.0), 1: (1.0, 0.0), 2: (2.0, -22.0), 3: (0.0, -100.0)}  # channel: (per neighbour, bias)
+MASK_LATENT_SHAPE = [4, 8, 8, 8]  # decodes to 32^3 voxels at 1.5 mm
+TINY_MASK_GENERATOR = {
+    "mask_generation_autoencoder_def#num_channels": [8, 8, 8],
+    "mask_generation_autoencoder_def#num_res_blocks": [1, 1, 1],
+    "mask_generation_autoencoder_def#norm_num_groups": 4,
+    "mask_generation_autoencoder_def#out_channels": len(MASK_CHANNELS),
+    "mask_generation_autoencoder_def#num_splits": 1,
+    "mask_generation_diffusion_def#channels": [8, 16],
+    "mask_generation_diffusion_def#attention_levels": [False, True],
+    "mask_generation_diffusion_def#num_head_channels": [0, 8],
+    "mask_generation_diffusion_def#num_res_blocks": 1,
+    "mask_generation_diffusion_def#norm_num_groups": 4,
+    "mask_generation_latent_shape": MASK_LATENT_SHAPE,
+    "mask_generation_num_inference_steps": 2,
+}
+
+
+def _expected_generated_mask() -> np.ndarray:
+    """The crafted generator's mask on its own 32^3, 1.5 mm grid."""
+    size = 4 * MASK_LATENT_SHAPE[1]
+    inside = np.ones((size,) * 3)
+    neighbours = np.pad(inside, 1)
+    counts = sum(
+        neighbours[1 + dx : 1 + dx + size, 1 + dy : 1 + dy + size, 1 + dz : 1 + dz + size]
+        for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
+    )  # fmt: skip
+    logits = np.stack([a * counts + b for a, b in (MASK_LOGITS[c] for c in range(len(MASK_CHANNELS)))])
+    lookup = np.array([label for _, label in sorted(MASK_CHANNELS.values())])
+    return lookup[logits.argmax(axis=0)]
+
+
+def _crafted_mask_generator(root):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    for key, value in TINY_MASK_GENERATOR.items():
+        parser[key] = value
+    torch.manual_seed(1)
+    autoencoder = parser.get_parsed_content("mask_generation_autoencoder_def")
+    unet = parser.get_parsed_content("mask_generation_diffusion_def")
+    norm, conv = autoencoder.decoder.blocks[-2], autoencoder.decoder.blocks[-1].conv.conv
+    with torch.no_grad():
+        norm.weight.zero_()
+        norm.bias.fill_(1.0)
+        conv.weight.zero_()
+        for channel, (per_neighbour, bias) in MASK_LOGITS.items():
+            conv.weight[channel, 0] = per_neighbour
+            conv.bias[channel] = bias
+    torch.save(autoencoder.state_dict(), root / "mask_autoencoder.pt")
+    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.0)}, root / "mask_unet.pt")
+    (root / "mask_channels.json").write_text(json.dumps(MASK_CHANNELS))
+    sizes = [[0.5, 0.5, 0.5, 0.3, 0.5, -1, -1, -1, -1, -1], [0.2, 0.2, 0.2, 0.2, 0.2, -1, -1, -1, -1, -1]]
+    (root / "sizes.json").write_text(json.dumps([{"organ_size": row} for row in sizes]))
+    return {
+        "trained_mask_generation_autoencoder_path": str(root / "mask_autoencoder.pt"),
+        "trained_mask_generation_diffusion_path": str(root / "mask_unet.pt"),
+        "all_anatomy_size_condtions_json": str(root / "sizes.json"),
+        "label_dict_remap_json": str(root / "mask_channels.json"),
+        **TINY_MASK_GENERATOR,
+    }
+
+
+def test_generated_mask_pairs_through_the_bundle(workspace, tmp_path):
+    """Path A: controllable_anatomy_size -> generated mask -> CT; .nrrd/.mha outputs; determinism; lost organs."""
+    import itk
+
+    root, weights = workspace
+    generator = _crafted_mask_generator(tmp_path)
+    request = [["pancreas", 0.4], ["colon", -1]]
+
+    def overrides(output_dir, **extra):
+        base = _overrides(root, weights["rflow-ct"], output_dir, controllable_anatomy_size=request, **generator)
+        return {**base, "all_mask_files_json": str(tmp_path / "no_database.json"), **extra}  # Path A reads no database
+
+    run_bundle(BUNDLE, ["inference.json"], overrides(tmp_path / "itk", image_output_ext=".nrrd", label_output_ext=".mha"))
+    report, samples = _load(tmp_path / "itk" / "generation_report.json")
+    sample = samples[0]
+    assert sample["mask_source"] == "generated" and sample["seed"] == 0
+    assert report["settings"]["controllable_anatomy_size"] == request
+    assert sample["image"].endswith("_image.nrrd") and sample["label"].endswith("_label.mha")
+    image_itk, label_itk = itk.imread(sample["image"]), itk.imread(sample["label"])
+    image = itk.array_from_image(image_itk).transpose(2, 1, 0)  # itk arrays are (Z, Y, X)
+    labels = itk.array_from_image(label_itk).transpose(2, 1, 0)
+    assert image.shape == labels.shape == tuple(OUTPUT_SIZE)
+    assert image.dtype == np.int16 and labels.dtype == np.uint8
+    for written in (image_itk, label_itk):  # RAS diag(spacing) as ITK's LPS: direction diag(-1, -1, 1), origin 0
+        np.testing.assert_allclose(tuple(written.GetSpacing()), SPACING)
+        np.testing.assert_allclose(np.asarray(written.GetDirection()), np.diag([-1.0, -1.0, 1.0]))
+        np.testing.assert_allclose(tuple(written.GetOrigin()), (0.0, 0.0, 0.0))
+
+    # the written label map is the crafted generator's mask, resampled (nearest) to the requested geometry
+    from monai.data import MetaTensor
+    from monai.transforms import ResizeWithPadOrCrop, Spacing
+
+    generated = MetaTensor(torch.from_numpy(_expected_generated_mask())[None].float(), affine=torch.diag(torch.tensor([1.5, 1.5, 1.5, 1.0])))
+    expected = ResizeWithPadOrCrop(OUTPUT_SIZE)(Spacing(pixdim=SPACING, mode="nearest")(generated))[0].numpy()
+    np.testing.assert_array_equal(labels, expected)
+    assert set(np.unique(labels)) == {0, PANCREAS, BODY}  # raw ids: the requested pancreas and the body envelope
+    assert (labels == PANCREAS).sum() > 1000
+    assert image.min() == -1000 and image.max() <= 1000
+    assert (image[labels == 0] == -1000).all()  # background outside the body
+    assert (image[labels == BODY] > -1000).any()  # the body is generated, not blanked
+
+    run_bundle(BUNDLE, ["inference.json"], overrides(tmp_path / "nifti"))  # same seed, NIfTI outputs
+    _, again = _load(tmp_path / "nifti" / "generation_report.json")
+    np.testing.assert_array_equal(np.asarray(nib.load(again[0]["image"]).dataobj), image)
+    np.testing.assert_array_equal(np.asarray(nib.load(again[0]["label"]).dataobj), labels)
+    np.testing.assert_allclose(nib.load(again[0]["image"]).affine, np.diag([*SPACING, 1.0]))
+
+    # liver is controllable but the crafted generator never draws it: refused, nothing written
+    lost = run_bundle(
+        BUNDLE,
+        ["inference.json"],
+        overrides(tmp_path / "lost", controllable_anatomy_size=[["pancreas", 0.4], ["liver", 0.5]]),
+        check=False,
+    )
+    assert lost.returncode != 0
+    assert "controllable_anatomy_size=" in lost.stdout and "'liver' (id 1) is absent from the generated mask" in lost.stdout
+    assert not list((tmp_path / "lost").glob("*_image.*"))
+
