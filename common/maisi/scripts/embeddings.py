@@ -28,6 +28,7 @@ The x100 conditioning scale of the UNet is applied when the batch is fed to the 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -43,16 +44,27 @@ from monai.transforms import MapTransform
 
 from .outputs import _atomic_write
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "LATENT_CHANNELS",
     "LATENT_DOWNSAMPLE",
     "LATENT_SUFFIX",
     "SIDECAR_SUFFIX",
     "LoadLatentd",
+    "PosteriorMean",
+    "check_divisible_k",
+    "check_latent_shapes",
+    "create_embeddings",
+    "encode_posterior_mean",
     "latent_path_for",
+    "load_datalist",
     "make_sidecar",
+    "modality_code",
     "read_latent",
     "read_sidecar",
+    "require_file",
+    "select_folds",
     "sidecar_path",
     "write_latent",
 ]
@@ -109,6 +121,24 @@ def _modality_code(value: Any, where: str) -> int:
             "(e.g. 1 = ct, 9 = mri_t1)."
         )
     return int(value)
+
+
+def modality_code(modality: Any, modality_mapping_json: str | os.PathLike) -> int:
+    """
+    The integer code of the ``modality`` config id (a name such as ``"ct"``/``"mri_t1"`` or a code) for sidecars.
+
+    CT or MR is decided by the value itself, so one config serves both bundles.
+
+    Raises
+    ------
+    ValueError
+        unknown name, code 0 ("unknown") or a code missing from ``modality_mapping_json``.
+    """
+    from .intensity import modality_family
+    from .validation import load_modality_mapping, resolve_modality
+
+    mapping = load_modality_mapping(modality_mapping_json)
+    return resolve_modality(modality, mapping, modality_family(modality, mapping))
 
 
 def make_sidecar(
@@ -300,3 +330,286 @@ class LoadLatentd(MapTransform):
             sample["bottom_region_index"] = torch.tensor(conditions["bottom_region_index"], dtype=torch.float32)
             sample["dim"] = torch.tensor(conditions["dim"], dtype=torch.long)
         return sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# datalists
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_datalist(datalist_path: str | os.PathLike, section: str = "training", base_dir: str | os.PathLike | None = None) -> list[dict]:
+    """
+    Read ``section`` of a datalist JSON and make its ``image``/``label`` paths absolute.
+
+    Relative paths are resolved against ``base_dir`` or, when it is ``None``, the datalist's own folder.
+
+    Raises
+    ------
+    ValueError
+        the file is missing or not JSON, the section is missing or empty, an item has no ``image``, a
+        ``fold`` is not an integer >= 0, or a referenced file does not exist (the message names it).
+    """
+    path = Path(datalist_path)
+    if not path.is_file():
+        raise ValueError(f"datalist '{path}' does not exist; build one with `python -m scripts.data_prep datalist`.")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"datalist '{path}' cannot be read as JSON: {error}") from error
+    items = content.get(section) if isinstance(content, dict) else None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"datalist '{path}' has no non-empty '{section}' list.")
+    base = Path(base_dir) if base_dir is not None else path.parent
+    resolved = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or "image" not in item:
+            raise ValueError(f"datalist '{path}': {section}[{index}] must be an object with an 'image' path, got {item!r}.")
+        entry = dict(item)
+        for key in ("image", "label"):
+            if entry.get(key) is not None:
+                file = Path(entry[key]) if Path(entry[key]).is_absolute() else base / entry[key]
+                if not file.is_file():
+                    raise ValueError(f"datalist '{path}': {section}[{index}] {key} file '{file}' does not exist.")
+                entry[key] = str(file)
+        fold = entry.get("fold", 0)
+        if isinstance(fold, bool) or not isinstance(fold, Integral) or fold < 0:
+            raise ValueError(f"datalist '{path}': {section}[{index}] fold={fold!r} must be an integer >= 0.")
+        entry["fold"] = int(fold)
+        resolved.append(entry)
+    return resolved
+
+
+def select_folds(items: Sequence[Mapping[str, Any]], validation_fold: int | None, training: bool = True) -> list[dict]:
+    """
+    The training items (``fold != validation_fold``) or the validation items (``fold == validation_fold``).
+
+    ``validation_fold=None`` keeps every item for training and none for validation.
+
+    Raises
+    ------
+    ValueError
+        the selection is empty (names ``validation_fold`` and the folds present).
+    """
+    if validation_fold is not None and (isinstance(validation_fold, bool) or not isinstance(validation_fold, Integral)):
+        raise ValueError(f"validation_fold={validation_fold!r} must be an integer fold number or null.")
+    if validation_fold is None:
+        selected = [dict(item) for item in items] if training else []
+    else:
+        selected = [dict(item) for item in items if (item.get("fold", 0) != validation_fold) == training]
+    if training and not selected:
+        folds = sorted({item.get("fold", 0) for item in items})
+        raise ValueError(
+            f"validation_fold={validation_fold} leaves no training items (folds present: {folds}); "
+            "choose another fold or null to train on every item."
+        )
+    return selected
+
+
+def check_latent_shapes(items: Sequence[Mapping[str, Any]], batch_size: int, key: str = "image") -> None:
+    """
+    Refuse ``batch_size > 1`` when the latents differ in shape (they could not be stacked into a batch).
+
+    Only the NIfTI headers are read.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise ValueError(f"train_batch_size={batch_size!r} must be an integer >= 1.")
+    if batch_size == 1:
+        return
+    shapes: dict[tuple[int, ...], str] = {}
+    for item in items:
+        shapes.setdefault(tuple(nib.load(str(item[key])).shape), str(item[key]))
+    if len(shapes) > 1:
+        listing = "; ".join(f"{shape} e.g. '{file}'" for shape, file in shapes.items())
+        raise ValueError(
+            f"train_batch_size={batch_size} needs latents of one shape, but they differ: {listing}. "
+            "Use train_batch_size=1 or resample the images to one shape (scripts.data_prep resample)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# encoding
+# ---------------------------------------------------------------------------------------------------
+
+
+class PosteriorMean(torch.nn.Module):
+    """Wrap an autoencoder so that calling it returns the posterior mean ``z_mu`` of its encoder."""
+
+    def __init__(self, autoencoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        z_mu, _ = self.autoencoder.encode(image)
+        return z_mu
+
+
+def _check_window(roi_size: Sequence[int] | None) -> tuple[int, int, int] | None:
+    if roi_size is None:
+        return None
+    values = list(roi_size)
+    if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, Integral) or v <= 0 or v % LATENT_DOWNSAMPLE for v in values):
+        raise ValueError(
+            f"embedding_sliding_window_size={roi_size!r} must be null or three positive multiples of "
+            f"{LATENT_DOWNSAMPLE} (e.g. [320, 320, 160])."
+        )
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def encode_posterior_mean(
+    autoencoder: torch.nn.Module,
+    image: torch.Tensor,
+    sliding_window_size: Sequence[int] | None = None,
+    overlap: float = 0.4,
+) -> torch.Tensor:
+    """
+    Encode ``(1, C, X, Y, Z)`` image(s) to the posterior mean ``(1, 4, X/4, Y/4, Z/4)``.
+
+    When ``sliding_window_size`` is given and the image is larger than it along any axis, the image is
+    encoded window by window (Gaussian-blended) so that memory stays bounded; otherwise in one pass.
+    """
+    from monai.inferers import sliding_window_inference
+
+    from .decode import get_autoencoder_splits, set_autoencoder_splits, splits_compatible
+
+    model = PosteriorMean(autoencoder)
+    roi = _check_window(sliding_window_size)
+    spatial = tuple(int(s) for s in image.shape[2:])
+    if any(s % LATENT_DOWNSAMPLE for s in spatial):
+        raise ValueError(f"image shape {spatial} must be divisible by {LATENT_DOWNSAMPLE} to encode (pad it first).")
+    whole = roi is None or all(s <= r for s, r in zip(spatial, roi))
+    window = spatial if whole else tuple(min(s, r) for s, r in zip(spatial, roi))
+    splits = get_autoencoder_splits(autoencoder)
+    if splits is not None and not splits_compatible(window[splits[1]] // LATENT_DOWNSAMPLE, splits[0]):
+        logger.info("encoding %s without tensor splits (num_splits=%d does not divide it)", window, splits[0])
+        set_autoencoder_splits(autoencoder, 1)
+    try:
+        if whole:
+            return model(image)
+        return sliding_window_inference(image, list(window), 1, model, overlap=overlap, mode="gaussian", progress=False)
+    finally:
+        if splits is not None:
+            set_autoencoder_splits(autoencoder, splits[0])
+
+
+def check_divisible_k(k: Any) -> int | list[int]:
+    """
+    Check ``embedding_divisible_k``: images are padded to multiples of it before encoding.
+
+    A positive multiple of 4 (or three): the latent is 4x smaller, and the diffusion UNet halves it once per
+    level after the first, so the published 4-level UNet needs latents divisible by 8, i.e. k = 32.
+    """
+    values = list(k) if isinstance(k, (list, tuple)) else [k]
+    if len(values) not in (1, 3) or any(
+        isinstance(v, bool) or not isinstance(v, Integral) or v <= 0 or v % LATENT_DOWNSAMPLE for v in values
+    ):
+        raise ValueError(f"embedding_divisible_k={k!r} must be a positive multiple of {LATENT_DOWNSAMPLE} (or three), e.g. 32.")
+    return k
+
+
+def require_file(config_id: str, path: str | os.PathLike | None) -> Path:
+    """Return ``path`` as a ``Path`` or raise ``ValueError`` naming ``config_id`` when the file does not exist."""
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"{config_id}={None if path is None else str(path)!r} does not exist; set {config_id} to the weights file.")
+    return Path(path)
+
+
+def _image_spacing(image: Any) -> list[float]:
+    affine = np.asarray(image.affine if hasattr(image, "affine") else np.eye(4), dtype=np.float64)
+    return [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
+
+
+def create_embeddings(
+    autoencoder: torch.nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    transform: Any,
+    embedding_dir: str | os.PathLike,
+    latent_datalist_path: str | os.PathLike,
+    modality: int,
+    device: torch.device | str,
+    sliding_window_size: Sequence[int] | None = None,
+    overlap: float = 0.4,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """
+    Encode every image of ``items`` and write latents, sidecars and the latent datalist.
+
+    Parameters
+    ----------
+    autoencoder
+        the trained ``AutoencoderKlMaisi`` (DDP wrappers are unwrapped); put in eval mode here.
+    items
+        datalist items with absolute ``image`` paths (:func:`load_datalist`); optional per-item
+        ``modality`` (code), ``top_region_index``/``bottom_region_index`` (one-hots) override the defaults;
+        ``fold`` and ``label`` are carried into the latent datalist.
+    transform
+        loads one item and returns ``image`` as a channel-first ``(1, X, Y, Z)`` MetaTensor in [0, 1]
+        (intensity mapping done), with its affine; spatial sizes divisible by 4.
+    embedding_dir
+        folder of the ``<case>_emb.nii.gz`` files and their sidecars.
+    latent_datalist_path
+        the datalist written for diffusion/ControlNet training (latent paths relative to its folder).
+    modality
+        modality code written to sidecars of items without their own ``modality``.
+    device
+        where the encoder runs.
+    sliding_window_size, overlap
+        see :func:`encode_posterior_mean`.
+    overwrite
+        re-encode images whose latent and sidecar already exist (otherwise they are kept: an interrupted
+        run continues where it stopped).
+    progress
+        show a progress bar.
+
+    Returns
+    -------
+    Path
+        ``latent_datalist_path``.
+    """
+    from tqdm import tqdm
+
+    from .checkpoint import unwrap_module
+
+    encoder = unwrap_module(autoencoder).to(device).eval()
+    embedding_dir = Path(embedding_dir)
+    datalist_path = Path(latent_datalist_path)
+    names: dict[Path, str] = {}
+    entries = []
+    for item in tqdm(items, desc="encoding images", unit="image", disable=not progress):
+        source = str(item["image"])
+        target = latent_path_for(source, embedding_dir)
+        if target in names:
+            raise ValueError(f"images '{names[target]}' and '{source}' would both be encoded to '{target}'; rename one.")
+        names[target] = source
+        if overwrite or not (target.is_file() and sidecar_path(target).is_file()):
+            try:
+                image = transform(dict(item))["image"]
+            except Exception as error:
+                raise ValueError(f"image '{source}' cannot be loaded: {error}") from error
+            if image.ndim != 4 or image.shape[0] != 1:
+                raise ValueError(
+                    f"image '{source}' has shape {tuple(image.shape)} after loading; the autoencoder needs one channel "
+                    "(split multi-channel images into one file per channel)."
+                )
+            spacing = _image_spacing(image)
+            tensor = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+            latent = encode_posterior_mean(encoder, tensor, sliding_window_size, overlap)
+            sidecar = make_sidecar(
+                dim=list(image.shape[1:]),
+                spacing=spacing,
+                modality=item.get("modality", modality),
+                top_region_index=item.get("top_region_index"),
+                bottom_region_index=item.get("bottom_region_index"),
+            )
+            write_latent(target, latent[0], spacing, sidecar)
+        entry = {"image": os.path.relpath(target, datalist_path.parent), "fold": int(item.get("fold", 0))}
+        if item.get("label") is not None:
+            entry["label"] = str(Path(item["label"]).resolve())
+        entries.append(entry)
+
+    def write_json(tmp_name: str) -> None:
+        with open(tmp_name, "w") as handle:
+            json.dump({"training": entries}, handle, indent=4)
+
+    return _atomic_write(datalist_path, ".json", write_json)
