@@ -230,8 +230,8 @@ def _crafted_mask_generator(root):
     for key, value in TINY_MASK_GENERATOR.items():
         parser[key] = value
     torch.manual_seed(1)
-    autoencoder = parser.get_parsed_content("mask_generation_autoencoder_def")
-    unet = parser.get_parsed_content("mask_generation_diffusion_def")
+    autoencoder = parser.get_parsed_content("mask_generation_autoencoder_def")()  # the defs are factories
+    unet = parser.get_parsed_content("mask_generation_diffusion_def")()
     norm, conv = autoencoder.decoder.blocks[-2], autoencoder.decoder.blocks[-1].conv.conv
     with torch.no_grad():
         norm.weight.zero_()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -22,6 +23,7 @@ PUBLISHED_PARAMETER_COUNTS = {
     "ddpm-ct": {"diffusion_unet_def": 169_370_884, "controlnet_def": 68_644_944},
 }
 VERSION_CONFIGS = {"rflow-ct": ["inference.json"], "ddpm-ct": ["inference.json", "inference_ddpm_ct.json"]}
+MASK_GENERATION_DEFS = ("mask_generation_autoencoder_def", "mask_generation_diffusion_def")
 
 
 def parser_for(version: str) -> ConfigParser:
@@ -37,7 +39,48 @@ def test_full_size_networks_match_published_parameter_counts(version):
     assert parser.get_parsed_content("version") == version
     for net_id, expected in PUBLISHED_PARAMETER_COUNTS[version].items():
         network = parser.get_parsed_content(net_id, instantiate=True)
+        if net_id in MASK_GENERATION_DEFS:  # built on demand ("_mode_": "callable"), see the next test
+            assert isinstance(network, functools.partial), net_id
+            network = network()
         assert sum(p.numel() for p in network.parameters()) == expected, net_id
+
+
+def test_mask_generation_networks_are_built_only_for_controllable_anatomy_size(monkeypatch, tmp_path):
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+    from monai.networks.nets import DiffusionModelUNet
+
+    built = []
+    for network_class in (AutoencoderKlMaisi, DiffusionModelUNet):
+        original = network_class.__init__
+
+        def counting_init(self, *args, _original=original, **kwargs):
+            built.append(type(self).__name__)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(network_class, "__init__", counting_init)
+    tiny = {
+        "mask_generation_autoencoder_def#num_channels": [8, 8, 8],
+        "mask_generation_autoencoder_def#norm_num_groups": 4,
+        "mask_generation_diffusion_def#channels": [8, 16],
+        "mask_generation_diffusion_def#attention_levels": [False, True],
+        "mask_generation_diffusion_def#num_head_channels": [0, 8],
+        "mask_generation_diffusion_def#norm_num_groups": 4,
+        "trained_mask_generation_autoencoder_path": str(tmp_path / "absent.pt"),
+    }
+    with bundle_scripts(BUNDLE):
+        for sizes, expected in (([], []), ([["liver", 0.5]], ["AutoencoderKlMaisi", "DiffusionModelUNet"])):
+            parser = parser_for("rflow-ct")
+            parser["controllable_anatomy_size"] = sizes
+            for key, value in tiny.items():
+                parser[key] = value
+            built.clear()
+            if sizes:  # built, then its weights are looked for
+                with pytest.raises(RuntimeError) as error:
+                    parser.get_parsed_content("mask_generator")
+                assert isinstance(error.value.__cause__, FileNotFoundError) and "absent.pt" in str(error.value.__cause__)
+            else:
+                assert parser.get_parsed_content("mask_generator") is None
+            assert built == expected
 
 
 def test_published_checkpoint_formats_load_strictly(tmp_path):

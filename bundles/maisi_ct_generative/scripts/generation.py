@@ -414,8 +414,8 @@ def build_mask_source(
 
 def build_mask_generator(
     inputs: CTGenerationInputs,
-    autoencoder: torch.nn.Module,
-    diffusion_unet: torch.nn.Module,
+    autoencoder: torch.nn.Module | Callable[[], torch.nn.Module],
+    diffusion_unet: torch.nn.Module | Callable[[], torch.nn.Module],
     trained_mask_generation_autoencoder_path: str | os.PathLike,
     trained_mask_generation_diffusion_path: str | os.PathLike,
     all_anatomy_size_condtions_json: str | os.PathLike,
@@ -429,7 +429,11 @@ def build_mask_generator(
 ) -> Callable[[int], MetaTensor] | None:
     """
     The mask generator of ``controllable_anatomy_size`` runs as ``seed -> mask``, or ``None`` when the run
-    does not generate masks (then no weights are loaded and the networks stay on the CPU).
+    does not generate masks.
+
+    ``autoencoder`` and ``diffusion_unet`` may be networks or factories that build them (the config's
+    ``mask_generation_*_def`` use ``"_mode_": "callable"``): a factory is called only when the run generates
+    masks, so other runs never build the mask networks (about 200M parameters) nor load their weights.
     """
     if not inputs.generates_mask:
         return None
@@ -438,6 +442,8 @@ def build_mask_generator(
     from .mask_generation import MaskGenerationNetworks, generate_mask, load_size_condition_database
 
     device = torch.device(device)
+    autoencoder = autoencoder if isinstance(autoencoder, torch.nn.Module) else autoencoder()
+    diffusion_unet = diffusion_unet if isinstance(diffusion_unet, torch.nn.Module) else diffusion_unet()
     load_network_weights(autoencoder, trained_mask_generation_autoencoder_path, map_location=device)
     extras = load_network_weights(
         diffusion_unet, trained_mask_generation_diffusion_path, state_dict_key="unet_state_dict", map_location=device
