@@ -11,6 +11,9 @@
 """
 CT image + mask pair generation: mask source -> ControlNet-conditioned sampling -> decode -> HU -> quality
 check -> NIfTI (or any MONAI writer) + PNG preview + JSON report.
+
+MR generation (``generate_mr_images``): image-only, or image-from-mask with a ControlNet when the user
+gives a label map; modality-conditioned sampling -> decode -> MR units -> int16 NIfTI + preview + report.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ from .labels import (
     body_region_indices_from_mask,
     label_output_dtype,
     region_condition,
+    remap_mr_labels_for_controlnet,
     remove_tumors,
     spacing_condition,
 )
 from .masks import Candidate, augment_mask, load_label_file, resample_mask, retrieve_masks
 from .outputs import preview_png, sample_filenames, write_run_report, write_volume
-from .quality import QualityReport, check_ct_quality, finalize_ct, generate_with_quality_check, to_ct_hu
+from .quality import QualityReport, check_ct_quality, finalize_ct, finalize_mr, generate_with_quality_check, to_ct_hu, to_mr_intensity
 from .sampler import SamplingConditions, sample_latent
-from .validation import CTGenerationInputs
+from .validation import CTGenerationInputs, MRGenerationInputs, check_controlnet_label_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +147,11 @@ def load_user_mask(path: str | os.PathLike, device: torch.device) -> MetaTensor:
 
 @dataclass
 class Networks:
-    """The networks of paired generation (already on their device, weights loaded)."""
+    """The networks of generation (already on their device, weights loaded); no ControlNet for MR image-only runs."""
 
     autoencoder: torch.nn.Module
     diffusion_unet: torch.nn.Module
-    controlnet: torch.nn.Module
+    controlnet: torch.nn.Module | None
     scale_factor: float
 
 
@@ -478,3 +482,239 @@ def build_mask_generator(
         return mask
 
     return generate
+
+
+# ----------------------------------------------------------------------------------------------------
+# MR: image-only, or image-from-mask with a (user-trained) ControlNet
+# ----------------------------------------------------------------------------------------------------
+
+MR_MASK_FREE_SOURCE = "none (image only)"
+MR_REFERENCE_PERCENTILE = 99.5  # the training normalisation maps this percentile to 1, i.e. to MR_SCALE units
+
+
+@dataclass
+class MRMask:
+    """
+    A user label map for MR image-from-mask generation, at the requested geometry.
+
+    Attributes
+    ----------
+    source
+        where it came from (``"user:<path>"``).
+    labels
+        (1, X, Y, Z) raw label ids (e.g. BraTS 401-403), as written next to the image.
+    controlnet_ids
+        the same map with ids above 255 mapped into the ControlNet range
+        (``labels.remap_mr_labels_for_controlnet``).
+    """
+
+    source: str
+    labels: torch.Tensor
+    controlnet_ids: torch.Tensor
+
+
+def load_mr_mask(
+    mask_path: str | os.PathLike | None, inputs: MRGenerationInputs, controlnet_label_mapping: Mapping[Any, Any] | None = None
+) -> MRMask | None:
+    """
+    Load, check, resample (nearest, pad/crop) and encode the MR ``mask_path``; ``None`` for image-only runs.
+
+    Runs before any weights load, so an unusable mask or an unmapped id above 255 fails in seconds.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        naming ``mask_path`` (missing file, not a label map, no foreground at the requested geometry) or
+        ``controlnet_label_mapping`` (ids above 255 without a mapping entry).
+    """
+    mapping = check_controlnet_label_mapping(controlnet_label_mapping)
+    if mask_path is None:
+        return None
+    mask = resample_mask(load_user_mask(mask_path, "cpu"), inputs.spacing, inputs.output_size)
+    if not bool((mask > 0).any()):
+        raise ValueError(
+            f"mask_path={mask_path} has no foreground label left at output_size={list(inputs.output_size)}, "
+            f"spacing={list(inputs.spacing)} (the field of view misses the labelled region)."
+        )
+    try:
+        encoded = remap_mr_labels_for_controlnet(mask.as_tensor(), mapping)
+    except ValueError as error:
+        raise ValueError(f"mask_path={mask_path}: {error} Add the ids to controlnet_label_mapping.") from error
+    return MRMask(source=f"user:{mask_path}", labels=mask.as_tensor(), controlnet_ids=encoded)
+
+
+def mr_needed_files(mask_path: str | None, files: Mapping[str, str]) -> dict[str, str | None]:
+    """The files (config id -> path) an MR run reads: the ControlNet and the mask only for image-from-mask."""
+    needed = {k: files[k] for k in ("trained_autoencoder_path", "trained_diffusion_path")}
+    if mask_path is not None:
+        needed["trained_controlnet_path"] = files["trained_controlnet_path"]
+        needed["mask_path"] = mask_path
+    return needed
+
+
+def load_mr_networks(
+    autoencoder: torch.nn.Module,
+    diffusion_unet: torch.nn.Module,
+    controlnet: torch.nn.Module,
+    trained_autoencoder_path: str | os.PathLike,
+    trained_diffusion_path: str | os.PathLike,
+    trained_controlnet_path: str | os.PathLike | None,
+    device: torch.device | str,
+    use_controlnet: bool = False,
+) -> Networks:
+    """
+    Load the MR weights strictly and return the networks in eval mode.
+
+    The autoencoder file may be a plain state dict or hold it under ``"unet_state_dict"`` (both are
+    published); the UNet file is ``{"unet_state_dict", "scale_factor", ...}``. The ControlNet
+    (``{"controlnet_state_dict", ...}``) is loaded and moved to ``device`` only when ``use_controlnet``
+    (an image-from-mask run); otherwise it is dropped.
+    """
+    from .checkpoint import load_network_weights
+
+    load_network_weights(autoencoder, trained_autoencoder_path, state_dict_key="unet_state_dict", map_location=device)
+    extras = load_network_weights(diffusion_unet, trained_diffusion_path, state_dict_key="unet_state_dict", map_location=device)
+    if "scale_factor" not in extras:
+        raise KeyError(f"trained_diffusion_path={trained_diffusion_path} has no 'scale_factor' entry.")
+    loaded_controlnet = None
+    if use_controlnet:
+        if trained_controlnet_path is None:
+            raise ValueError("trained_controlnet_path=None: image-from-mask generation (mask_path) needs a trained ControlNet.")
+        load_network_weights(controlnet, trained_controlnet_path, state_dict_key="controlnet_state_dict", map_location=device)
+        loaded_controlnet = controlnet.to(device).eval()
+    return Networks(
+        autoencoder=autoencoder.to(device).eval(),
+        diffusion_unet=diffusion_unet.to(device).eval(),
+        controlnet=loaded_controlnet,
+        scale_factor=float(extras["scale_factor"]),
+    )
+
+
+def build_mr_conditions(inputs: MRGenerationInputs, mask: MRMask | None, device: torch.device, dtype: torch.dtype) -> SamplingConditions:
+    """
+    Spacing and modality conditions of an MR sample, plus the bit-plane mask when generating from a mask.
+
+    Classifier-free guidance (``cfg_guidance_scale``) contrasts the modality with the null class 0; the
+    mask is the same in both branches.
+    """
+    controlnet_cond = None
+    if mask is not None:
+        ids = mask.controlnet_ids.reshape(1, 1, *mask.controlnet_ids.shape[-3:]).to(device)
+        controlnet_cond = binarize_labels(ids, dtype=dtype)
+    return SamplingConditions(
+        spacing=spacing_condition(inputs.spacing),
+        class_labels=torch.tensor([inputs.modality]),
+        controlnet_cond=controlnet_cond,
+    ).to(device, dtype)
+
+
+def generate_mr_image(
+    inputs: MRGenerationInputs,
+    networks: Networks,
+    scheduler: Scheduler,
+    seed: int,
+    device: torch.device,
+    decode_plan: DecodePlan,
+    timings: dict[str, float],
+    mask: MRMask | None = None,
+    zero_outside_mask: bool = False,
+    progress: bool = True,
+) -> np.ndarray:
+    """
+    Generate one MR image (int16, arbitrary units, 1000 ~ the 99.5th percentile, no negative values).
+
+    With ``mask`` the ControlNet conditions the sampling on it; ``zero_outside_mask`` then also sets the
+    voxels of label 0 to 0 (use it only for masks that cover the whole body, e.g. with a body label).
+    """
+    if mask is not None and networks.controlnet is None:
+        raise ValueError("a mask was given but no ControlNet is loaded (load_mr_networks(use_controlnet=True)).")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    latent_shape = (1, LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+    start = time.perf_counter()
+    conditions = build_mr_conditions(inputs, mask, device, dtype)
+    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+        latent = sample_latent(
+            networks.diffusion_unet,
+            scheduler,
+            noise,
+            conditions,
+            inputs.num_inference_steps,
+            controlnet=None if mask is None else networks.controlnet,
+            guidance_scale=inputs.cfg_guidance_scale,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            progress=progress,
+        )
+    timings["diffusion_s"] = timings.get("diffusion_s", 0.0) + time.perf_counter() - start
+    start = time.perf_counter()
+    decoded = decode_latent(LatentDecoder(networks.autoencoder, networks.scale_factor), latent, decode_plan, progress=progress)
+    timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - start
+    image = to_mr_intensity(decoded[0, 0].float().cpu().numpy())
+    if mask is not None and zero_outside_mask:
+        return np.asarray(finalize_mr(image, mask.labels.reshape(image.shape).numpy()))
+    return np.round(image).astype(np.int16)  # to_mr_intensity already clipped to [0, int16 max]
+
+
+def generate_mr_images(
+    inputs: MRGenerationInputs,
+    networks: Networks,
+    scheduler: Scheduler,
+    mask: MRMask | None = None,
+    *,
+    num_output_samples: int,
+    random_seed: int,
+    output_dir: str | os.PathLike,
+    device: torch.device | str,
+    zero_outside_mask: bool = False,
+    memory_budget_gb: float | None = None,
+    settings: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Generate ``num_output_samples`` MR images (sample ``i`` uses seed ``random_seed + i``) and write each
+    as int16 with the requested spacing in its affine, with a PNG preview (and the resampled raw-id
+    label map for image-from-mask runs), plus ``<output_dir>/generation_report.json``.
+
+    Returns
+    -------
+    dict[str, Any]
+        The run report.
+    """
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    latent_shape = (LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
+    decode_plan = plan_decode(
+        latent_shape,
+        device,
+        roi_size=inputs.autoencoder_sliding_window_infer_size,
+        overlap=inputs.autoencoder_sliding_window_infer_overlap,
+        num_splits=inputs.autoencoder_tp_num_splits,
+        memory_budget_gb=memory_budget_gb,
+    )
+    logger.info("%s", decode_plan.describe())
+    timings: dict[str, float] = {}
+    samples = []
+    labels = None if mask is None else mask.labels.reshape(inputs.output_size).numpy()
+    for index in range(num_output_samples):
+        seed = sample_seed(random_seed, index)
+        image = generate_mr_image(inputs, networks, scheduler, seed, device, decode_plan, timings, mask, zero_outside_mask, progress)
+        names = sample_filenames(output_dir, index, seed, inputs.image_output_ext, inputs.image_output_ext)
+        write_volume(image, names["image"], inputs.spacing, np.int16, config_id="image_output_ext")
+        sample: dict[str, Any] = {
+            "index": index,
+            "seed": seed,
+            "mask_source": MR_MASK_FREE_SOURCE if mask is None else mask.source,
+            "image": str(names["image"]),
+            "preview": str(names["preview"]),
+            "intensity_percentile_99_5": float(np.percentile(image, MR_REFERENCE_PERCENTILE)),
+        }
+        if labels is not None:
+            label_dtype = label_output_dtype(int(labels.max()))
+            write_volume(labels.astype(label_dtype), names["label"], inputs.spacing, label_dtype, config_id="image_output_ext")
+            sample["label"] = str(names["label"])
+        preview_png(image, labels, names["preview"], window=None, spacing=inputs.spacing)
+        samples.append(sample)
+    run_settings = {**dict(settings or {}), "decode_plan": decode_plan.describe()}
+    write_run_report(output_dir / "generation_report.json", run_settings, samples, timings)
+    return {"settings": run_settings, "samples": samples, "timings": timings}

@@ -73,6 +73,12 @@ CONTROLLABLE_ANATOMIES = (
 BODY_LABEL = 200  # body envelope
 BACKGROUND_LABEL = 0
 MAX_CONTROLNET_LABEL = 255  # the ControlNet condition is 8 bit planes
+# MR label ids above MAX_CONTROLNET_LABEL and the ids they take before binarisation
+# (``labels.remap_mr_labels_for_controlnet``): BraTS tumour sub-regions 401 (necrotic / non-enhancing core),
+# 402 (peritumoural oedema) and 403 (enhancing tumour) go to the free placeholder ids 129, 130 and 131
+# (dummy6..8 of label_dict.json; the published rflow-mr ControlNet recipe weights label 129), and the
+# CT/MR body envelope 500 goes to the CT body id BODY_LABEL (200).
+MR_CONTROLNET_LABEL_MAP = MappingProxyType({401: 129, 402: 130, 403: 131, 500: BODY_LABEL})
 
 # Organ groups of the CT quality check (names match image_median_statistics_ct.json).
 QC_LABEL_GROUPS = MappingProxyType(

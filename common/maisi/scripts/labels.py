@@ -36,6 +36,7 @@ from .constants import (
     BACKGROUND_LABEL,
     BODY_REGIONS,
     MAX_CONTROLNET_LABEL,
+    MR_CONTROLNET_LABEL_MAP,
     QC_LABEL_GROUPS,
     REGION_INDEX_SCALE,
     REGION_LABELS,
@@ -61,6 +62,7 @@ __all__ = [
     "mask_logits_to_labels",
     "region_condition",
     "remap_labels_for_controlnet",
+    "remap_mr_labels_for_controlnet",
     "remove_tumors",
     "spacing_condition",
     "tumor_free_mapping",
@@ -413,6 +415,41 @@ def remap_labels_for_controlnet(labels: NdarrayOrTensor, mapping: Mapping[int, i
             "and have no entry in the mapping."
         )
     return remapped
+
+
+def remap_mr_labels_for_controlnet(
+    labels: NdarrayOrTensor, extra_mapping: Mapping[int, int] | None = None
+) -> NdarrayOrTensor:
+    """
+    Map MR label ids above ``MAX_CONTROLNET_LABEL`` into the ControlNet range with the MR default table.
+
+    The default table is ``constants.MR_CONTROLNET_LABEL_MAP``: BraTS tumour sub-regions 401, 402, 403 ->
+    129, 130, 131 (free placeholder ids) and body 500 -> 200. Ids up to 255 pass unchanged, so a mask
+    that already uses ids < 256 is not modified. ``extra_mapping`` adds entries (or replaces default
+    ones) for other ids above 255, e.g. brain parcels. Apply the SAME mapping when training a
+    ControlNet and when generating with it.
+
+    Parameters
+    ----------
+    labels
+        Integer label map (any shape), e.g. int16 with ids up to 500.
+    extra_mapping
+        ``{source_id: target_id}`` entries (keys may be strings, as read from JSON), applied
+        together with the default table; targets in ``[0, MAX_CONTROLNET_LABEL]``.
+
+    Returns
+    -------
+    NdarrayOrTensor
+        The remapped label map, same type and dtype.
+
+    Raises
+    ------
+    ValueError
+        If ids above ``MAX_CONTROLNET_LABEL`` have no entry (they are listed) or a target is out of range.
+    """
+    mapping = {int(source): int(target) for source, target in MR_CONTROLNET_LABEL_MAP.items()}
+    mapping.update({int(source): int(target) for source, target in (extra_mapping or {}).items()})
+    return remap_labels_for_controlnet(labels, mapping)
 
 
 # ----------------------------------------------------------------------------------------------------

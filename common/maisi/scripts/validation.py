@@ -44,6 +44,7 @@ __all__ = [
     "CTGenerationInputs",
     "MAX_CONTROLLABLE_ANATOMIES",
     "MAX_INFERENCE_STEPS",
+    "MR_MAX_FIELD_OF_VIEW_MM",
     "MR_MIN_MODALITY_CODE",
     "MR_OUTPUT_SIZES",
     "MR_SPACING_RANGE",
@@ -56,6 +57,8 @@ __all__ = [
     "check_body_region",
     "check_cfg_guidance_scale",
     "check_controllable_anatomy_size",
+    "check_controlnet_label_mapping",
+    "check_field_of_view_mr",
     "check_num_steps",
     "check_output_ext",
     "check_output_size_ct",
@@ -85,6 +88,9 @@ MR_OUTPUT_SIZES = MappingProxyType(
     }
 )
 MR_SPACING_RANGE = (0.4, 5.0)  # mm, inclusive, every axis
+# Largest MR field of view per axis (output_size * spacing): MR scanners image at most about 50 cm per axis,
+# and the published recommended MR fields of view span 90-380 mm; 512 keeps "512 voxels at 1 mm" allowed.
+MR_MAX_FIELD_OF_VIEW_MM = 512.0
 
 # Modality codes of modality_mapping.json: 0 is "unknown" (the classifier-free-guidance null class),
 # 1..7 are CT, 8 and above are MR.
@@ -365,6 +371,56 @@ def check_spacing_mr(spacing: Any) -> tuple[float, float, float]:
                 f"allowed: every axis in [{low}, {high}] mm."
             )
     return values
+
+
+def check_field_of_view_mr(output_size: Any, spacing: Any) -> tuple[float, float, float]:
+    """
+    Check an MR field of view (``output_size * spacing``, mm): at most ``MR_MAX_FIELD_OF_VIEW_MM`` per axis.
+
+    Returns
+    -------
+    tuple[float, float, float]
+        The field of view ``(x, y, z)`` in mm.
+    """
+    size = _int_triple("output_size", output_size)
+    values = _float_triple("spacing", spacing)
+    fov = tuple(float(n * s) for n, s in zip(size, values))
+    for axis, extent in zip("xyz", fov):
+        if extent > MR_MAX_FIELD_OF_VIEW_MM:
+            raise ValueError(
+                f"spacing={spacing!r} with output_size={output_size!r} is not allowed: the {axis} field of view is "
+                f"{extent:g} mm, more than the {MR_MAX_FIELD_OF_VIEW_MM:g} mm an MR scan covers; reduce the spacing "
+                "or the size (recommended fields of view per anatomy are in docs/README.md)."
+            )
+    return fov  # type: ignore[return-value]
+
+
+def check_controlnet_label_mapping(mapping: Any) -> dict[int, int]:
+    """
+    Check ``controlnet_label_mapping``: ``None`` or ``{source_id: target_id}`` of integers (JSON keys may be
+    strings) with source ids above 255 and targets in [0, 255]; it extends the default MR table
+    (``constants.MR_CONTROLNET_LABEL_MAP``) that maps label ids the 8-bit ControlNet condition cannot hold.
+
+    Returns
+    -------
+    dict[int, int]
+        The mapping with integer keys and values (empty for ``None``).
+    """
+    if mapping is None:
+        return {}
+    message = (
+        f"controlnet_label_mapping={mapping!r} is not allowed; it must be null or a dict "
+        "{source_id: target_id} with integer source ids above 255 and integer targets in [0, 255]."
+    )
+    if not isinstance(mapping, Mapping):
+        raise ValueError(message)
+    checked = {}
+    for source, target in mapping.items():
+        source_id = int(source) if isinstance(source, str) and source.strip().isdigit() else source
+        if not (_is_int(source_id) and source_id > 255 and _is_int(target) and 0 <= target <= 255):
+            raise ValueError(f"{message} Bad entry: {source!r}: {target!r}.")
+        checked[int(source_id)] = int(target)
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1045,7 +1101,8 @@ def validate_mr_generation_inputs(
     """
     Run every check of MR generation (image only) and return the normalised inputs.
 
-    MR generation has no ControlNet and no mask generator, so ``body_region``, ``anatomy_list`` and
+    MR generation has no mask database and no mask generator (an MR mask comes from the user, see
+    ``maisi_mr_generative``'s ``mask_path``), so ``body_region``, ``anatomy_list`` and
     ``controllable_anatomy_size`` must be empty (they exist to refuse a CT-style request clearly).
 
     Parameters
@@ -1053,7 +1110,7 @@ def validate_mr_generation_inputs(
     version
         ``"rflow-mr"`` or ``"rflow-mr-brain"``.
     output_size, spacing
-        see ``check_output_size_mr`` and ``check_spacing_mr``.
+        see ``check_output_size_mr``, ``check_spacing_mr`` and ``check_field_of_view_mr``.
     modality
         MR modality name (e.g. ``"mri_t1"``) or code (>= 8); required, it selects the contrast.
     modality_mapping_json
@@ -1076,12 +1133,13 @@ def validate_mr_generation_inputs(
         the first input that fails; the message names its config id.
     """
     version = _check_version(version, MR_VERSIONS, "MR")
-    reason = "MR generation is image-only (no MR ControlNet or mask generator)"
+    reason = "MR generation is image-only or from a user label map (mask_path); it has no mask database or mask generator"
     _require_empty("body_region", body_region, reason)
     _require_empty("anatomy_list", anatomy_list, reason)
     _require_empty("controllable_anatomy_size", controllable_anatomy_size, reason)
     size = check_output_size_mr(output_size)
     spacing_mm = check_spacing_mr(spacing)
+    check_field_of_view_mr(size, spacing_mm)
     if modality is None:
         raise ValueError(
             "modality=None is not allowed: MR generation needs an MR modality name or code, e.g. 'mri_t1' (9)."
