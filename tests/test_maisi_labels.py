@@ -65,8 +65,22 @@ def test_load_json_errors_name_the_file(labels, tmp_path):
         labels.load_json(broken)
     bad_ids = tmp_path / "bad_ids.json"
     bad_ids.write_text('{"liver": "one"}')
-    with pytest.raises(ValueError, match=r"bad_ids\.json.*liver"):
+    with pytest.raises(ValueError, match=r"label_dict_json=.*bad_ids\.json.*liver"):
         labels.load_label_dict(bad_ids)
+
+
+def test_one_label_dict_reader(labels, tmp_path):
+    """labels.load_label_dict reads a file with validation's reader; it only adds the packaged default."""
+    validation = importlib.import_module("scripts.validation")
+    custom = tmp_path / "custom.json"
+    custom.write_text('{"liver": 1, "body": 200, "brain tumor core": 401}')
+    assert labels.load_label_dict(custom) == validation.load_label_dict(custom) == {"liver": 1, "body": 200, "brain tumor core": 401}
+    packaged = labels.load_label_dict()
+    assert packaged == validation.load_label_dict(labels.default_data_path(labels.LABEL_DICT_FILENAME))
+    packaged["liver"] = -1  # a copy: the cached packaged dictionary is unchanged
+    assert labels.load_label_dict()["liver"] == 1
+    with pytest.raises(ValueError, match=r"label_dict_json=.*absent\.json.*does not exist"):
+        labels.load_label_dict(tmp_path / "absent.json")
 
 
 # ---------------------------------------------------------------------------------------------------- ControlNet bits
