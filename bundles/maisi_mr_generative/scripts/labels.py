@@ -43,6 +43,7 @@ from .constants import (
     SPACING_SCALE,
     TUMOR_LABELS,
 )
+from .validation import load_label_dict as _read_label_dict
 
 __all__ = [
     "BRAIN_TUMOR_LABELS",
@@ -165,7 +166,10 @@ def default_data_path(filename: str) -> Path:
 
 def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
     """
-    Read a MAISI label dictionary (anatomy name -> label id).
+    Read a MAISI label dictionary (anatomy name -> label id), by default the packaged one.
+
+    The file is read and checked by ``validation.load_label_dict`` (the one label-dictionary reader; its
+    errors name the ``label_dict_json`` id); this function only adds the packaged default, read once.
 
     Parameters
     ----------
@@ -180,26 +184,16 @@ def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
     Raises
     ------
     ValueError
-        If the file is not a mapping of names to non-negative integer ids.
+        If the file is missing, not JSON, or not a mapping of names to integer ids >= 1.
     """
     if path is None:
         return dict(_packaged_label_dict())
-    return _validated_label_dict(load_json(path), str(path))
+    return _read_label_dict(path)
 
 
 @functools.lru_cache(maxsize=1)
 def _packaged_label_dict() -> Mapping[str, int]:
-    path = default_data_path(LABEL_DICT_FILENAME)
-    return MappingProxyType(_validated_label_dict(load_json(path), str(path)))
-
-
-def _validated_label_dict(data: Any, source: str) -> dict[str, int]:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: expected a JSON object of name -> label id, got {type(data).__name__}.")
-    bad = {name: value for name, value in data.items() if isinstance(value, bool) or not isinstance(value, int) or value < 0}
-    if bad:
-        raise ValueError(f"{source}: label ids must be non-negative integers; invalid entries: {bad}.")
-    return dict(data)
+    return MappingProxyType(_read_label_dict(default_data_path(LABEL_DICT_FILENAME)))
 
 
 def load_channel_table(path: str | Path | None = None) -> dict[int, int]:
