@@ -309,6 +309,11 @@ def _round_int16(image: NdarrayOrTensor) -> NdarrayOrTensor:
     return np.round(image).astype(np.int16)
 
 
+def _finalize(image: NdarrayOrTensor, labels: NdarrayOrTensor, background: float, low: float, high: float) -> NdarrayOrTensor:
+    """Set label 0 to ``background``, clip to ``[low, high]``, round to int16 (the last step of CT and MR)."""
+    return _round_int16(_clip(_set_background(_float(image), labels, background), low, high))
+
+
 def to_ct_hu(decoded: NdarrayOrTensor) -> NdarrayOrTensor:
     """
     Map the autoencoder output to HU: clip to ``[0, 1]``, then scale to ``[CT_HU_MIN, CT_HU_MAX]``.
@@ -342,8 +347,7 @@ def finalize_ct(image_hu: NdarrayOrTensor, labels: NdarrayOrTensor) -> NdarrayOr
     NdarrayOrTensor
         int16 image.
     """
-    image = _set_background(_float(image_hu), labels, CT_BACKGROUND_HU)
-    return _round_int16(_clip(image, CT_HU_MIN, CT_HU_MAX))
+    return _finalize(image_hu, labels, CT_BACKGROUND_HU, CT_HU_MIN, CT_HU_MAX)
 
 
 def to_mr_intensity(decoded: NdarrayOrTensor) -> NdarrayOrTensor:
@@ -381,5 +385,4 @@ def finalize_mr(image: NdarrayOrTensor, labels: NdarrayOrTensor) -> NdarrayOrTen
     NdarrayOrTensor
         int16 image.
     """
-    image = _set_background(_float(image), labels, _MR_BACKGROUND)
-    return _round_int16(_clip(image, _MR_BACKGROUND, _INT16_MAX))
+    return _finalize(image, labels, _MR_BACKGROUND, _MR_BACKGROUND, _INT16_MAX)
