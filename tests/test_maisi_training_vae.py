@@ -161,7 +161,11 @@ def test_bad_ids_refused_before_weights_load(dataset, tmp_path, extra, message):
     overrides = _overrides(dataset, tmp_path, finetune=True, trained_autoencoder_path=str(corrupt), **extra)
     with bundle_scripts(BUNDLE), pytest.raises(Exception) as error:
         _parser(overrides).get_parsed_content("initialize")
-    assert message in str(error.value)
+    texts, cause = [], error.value
+    while cause is not None:  # the config parser wraps errors of expressions
+        texts.append(str(cause))
+        cause = cause.__cause__
+    assert message in "\n".join(texts)
 
 
 def test_torchrun_two_processes(dataset, tmp_path):

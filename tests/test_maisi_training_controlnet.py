@@ -1,0 +1,269 @@
+"""MAISI ControlNet fine-tuning (configs/train_controlnet.json on top of inference.json) on tiny synthetic latents and masks."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+
+BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
+CONFIGS = ["inference.json", "train_controlnet.json"]
+VERSION_CONFIGS = {"rflow-ct": ["inference.json"], "ddpm-ct": ["inference.json", "inference_ddpm_ct.json"]}
+LATENT_SHAPE = (8, 8, 8)
+IMAGE_SHAPE = tuple(4 * s for s in LATENT_SHAPE)
+SPACING = [1.5, 1.5, 2.0]
+NEW_LABEL = 129  # a free id for a new class, as in the published kidney-tumour fine-tuning
+LUNG_TUMOR, LUNG_LOBE = 23, 28
+TINY_UNET = {"num_channels": [8, 16, 16], "attention_levels": [False, False, False], "num_head_channels": [0, 0, 8], "num_res_blocks": 1, "norm_num_groups": 8}
+TINY = {
+    "autoencoder_def#num_channels": [8, 8, 8],
+    "autoencoder_def#num_res_blocks": [1, 1, 1],
+    "autoencoder_def#norm_num_groups": 8,
+    **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
+    **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
+    "controlnet_def#conditioning_embedding_num_channels": [8, 8, 8],
+}
+
+
+def _parser(config_files, overrides):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in config_files])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def _messages(error: BaseException | None) -> str:
+    """The messages of an exception and its causes (the config parser wraps errors of expressions)."""
+    texts = []
+    while error is not None:
+        texts.append(str(error))
+        error = error.__cause__
+    return "\n".join(texts)
+
+
+def _randomised(network):
+    """MONAI zero-initialises output convolutions; a frozen UNet must respond to its inputs for the test to learn."""
+    for parameter in network.parameters():
+        if parameter.dim() > 1 and not parameter.detach().abs().sum():
+            torch.nn.init.normal_(parameter, std=0.2)
+    return network
+
+
+def _tiny_weights(models_dir, version):
+    parser = _parser(VERSION_CONFIGS[version], {"bundle_root": str(BUNDLE), **TINY})
+    torch.manual_seed(0)
+    paths = {}
+    for net_id, key in (("autoencoder_def", None), ("diffusion_unet_def", "unet_state_dict"), ("controlnet_def", "controlnet_state_dict")):
+        state = _randomised(parser.get_parsed_content(net_id)).state_dict()
+        payload = state if key is None else {key: state}
+        if key == "unet_state_dict":
+            payload["scale_factor"] = torch.tensor(1.0)
+        path = models_dir / f"{version}_{net_id}.pt"
+        torch.save(payload, path)
+        paths[net_id] = str(path)
+    return {
+        "trained_autoencoder_path": paths["autoencoder_def"],
+        "trained_diffusion_path": paths["diffusion_unet_def"],
+        "trained_controlnet_path": paths["controlnet_def"],
+    }
+
+
+def _pair(rng):
+    """A mask with body, a lung lobe holding a tumour and the new class; the latent encodes where the new class is."""
+    mask = np.zeros(IMAGE_SHAPE, dtype=np.uint8)
+    mask[4:-4, 4:-4, :] = 200
+    mask[4:16, 4:16, 4:28] = LUNG_LOBE
+    mask[8:12, 8:12, 12:16] = LUNG_TUMOR
+    corner = rng.integers(16, 24, size=3)
+    mask[corner[0] : corner[0] + 8, corner[1] : corner[1] + 8, corner[2] : corner[2] + 8] = NEW_LABEL
+    coarse = mask[::4, ::4, ::4]
+    latent = np.where(coarse == NEW_LABEL, 1.0, -0.5).astype(np.float32)[None].repeat(4, axis=0)
+    latent += rng.normal(0, 0.05, latent.shape).astype(np.float32)
+    return mask, latent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnet")
+    with bundle_scripts(BUNDLE) as scripts:
+        import scripts.embeddings as embeddings
+
+        rng = np.random.default_rng(0)
+        entries = []
+        for index, fold in enumerate([1, 1, 1, 1, 0]):
+            mask, latent = _pair(rng)
+            nib.save(nib.Nifti1Image(mask, np.diag([*SPACING, 1.0])), str(root / f"case{index}_label.nii.gz"))
+            sidecar = embeddings.make_sidecar(IMAGE_SHAPE, SPACING, 1, [0, 1, 0, 0], [0, 0, 1, 0])
+            embeddings.write_latent(root / f"case{index}_emb.nii.gz", torch.from_numpy(latent), SPACING, sidecar)
+            entries.append({"image": f"case{index}_emb.nii.gz", "label": f"case{index}_label.nii.gz", "fold": fold})
+        assert scripts is not None
+    (root / "datalist.json").write_text(json.dumps({"training": entries}))
+    (root / "models").mkdir()
+    weights = {version: _tiny_weights(root / "models", version) for version in VERSION_CONFIGS}
+    return root, weights
+
+
+def _overrides(root, weights, output_dir, **extra):
+    return {
+        "bundle_root": str(BUNDLE),
+        "datalist_file": str(root / "datalist.json"),
+        "train_output_dir": str(output_dir),
+        "batch_size": 2,
+        "num_workers": 0,
+        "cache_rate": 1.0,
+        "lr": 0.001,
+        "log_every_n_iterations": 1,
+        "weighted_loss_label": [NEW_LABEL],
+        "weighted_loss": 10,
+        **TINY,
+        **weights,
+        **extra,
+    }
+
+
+def _train_in_process(config_files, overrides):
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = _parser(config_files, overrides)
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        terms: list[dict[str, float]] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(scripts.controlnet_training.loss_terms(e.state.output)))
+        trainer.run()
+        return parser, trainer, terms
+
+
+@pytest.mark.parametrize("version", ["rflow-ct", "ddpm-ct"])
+def test_loss_goes_down(workspace, tmp_path, version):
+    root, weights = workspace
+    overrides = _overrides(root, weights[version], tmp_path, max_epochs=15, controlnet_init_path=None, lr_schedule=False, lr=0.01)
+    parser, trainer, terms = _train_in_process([*VERSION_CONFIGS[version], "train_controlnet.json"], overrides)
+    assert len(terms) == 15 * 2
+    losses = np.array([t["l1_loss"] for t in terms])
+    assert np.isfinite(losses).all()
+    assert losses[-8:].mean() < 0.8 * losses[:8].mean(), losses
+    unet_before = torch.load(weights[version]["trained_diffusion_path"], map_location="cpu", weights_only=True)["unet_state_dict"]
+    for key, value in parser.get_parsed_content("diffusion_unet").state_dict().items():
+        torch.testing.assert_close(value, unet_before[key])  # the diffusion UNet stays frozen
+
+
+def test_controlnet_init_from_unet_and_weighted_loss(workspace, tmp_path):
+    root, weights = workspace
+    overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, controlnet_init_path=None)
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = _parser(CONFIGS, overrides)
+        parser.get_parsed_content("initialize")
+        assert parser.get_parsed_content("controlnet_source") == "diffusion_unet"
+        unet = parser.get_parsed_content("diffusion_unet").state_dict()
+        controlnet = parser.get_parsed_content("controlnet").state_dict()
+        shared = [k for k in controlnet if k in unet and controlnet[k].shape == unet[k].shape]
+        assert len(shared) > 20 and all(torch.equal(controlnet[k], unet[k]) for k in shared)
+        trainer = parser.get_parsed_content("train#trainer")
+        labels = torch.zeros((1, 1, 8, 8, 8), dtype=torch.long)
+        labels[..., :4, :, :] = NEW_LABEL
+        weights_map = trainer._voxel_weights(labels)
+        assert weights_map[..., :4, :, :].unique().tolist() == [10.0] and weights_map[..., 4:, :, :].unique().tolist() == [1.0]
+        assert scripts.controlnet_training.polynomial_total_iters(3, 2) == 6
+
+
+def test_region_contrastive_loss(workspace, tmp_path):
+    root, weights = workspace
+    overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, use_region_contrastive_loss=True, region_contrastive_loss_weight=1.0)
+    _, _, terms = _train_in_process(CONFIGS, overrides)
+    contrastive = [t["region_contrastive_loss"] for t in terms]
+    assert all(np.isfinite(contrastive)) and any(c != 0 for c in contrastive)
+    assert all(t["loss"] == pytest.approx(t["l1_loss"] + t["region_contrastive_loss"], rel=1e-5) for t in terms)
+
+
+def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
+    root, weights = workspace
+    overrides = _overrides(root, weights["rflow-ct"], tmp_path / "run", max_epochs=1)
+    _train_in_process(CONFIGS, overrides)  # the command line is exercised by test_torchrun_two_processes
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2 and {"controlnet", "optimizer", "lr_scheduler"} <= set(checkpoint)
+    _, trainer, terms = _train_in_process(CONFIGS, {**overrides, "max_epochs": 2})
+    assert len(terms) == 2 and trainer.state.epoch == 2  # resumed after epoch 1: only the second epoch ran
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 4
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 4  # the polynomial schedule counts iterations
+    exported = torch.load(tmp_path / "run" / "controlnet.pt", map_location="cpu", weights_only=True)
+    assert set(exported) == {"controlnet_state_dict"}
+    published = torch.load(weights["rflow-ct"]["trained_controlnet_path"], map_location="cpu", weights_only=True)["controlnet_state_dict"]
+    assert set(exported["controlnet_state_dict"]) == set(published)
+    assert not all(torch.equal(exported["controlnet_state_dict"][k], published[k]) for k in published)
+
+    # generation uses the fine-tuned ControlNet by changing trained_controlnet_path only
+    tuned_path = str(tmp_path / "run" / "controlnet.pt")
+    user_mask = root / "user_mask.nii.gz"
+    mask = np.zeros((128, 128, 64), dtype=np.uint8)
+    mask[16:-16, 16:-16, :] = 200
+    mask[40:72, 40:72, 16:48] = 1
+    mask[80:96, 40:60, 20:40] = NEW_LABEL
+    nib.save(nib.Nifti1Image(mask, np.diag([3.0, 3.0, 4.0, 1.0])), str(user_mask))
+    generation = {
+        "bundle_root": str(BUNDLE),
+        "output_dir": str(tmp_path / "generated"),
+        "mask_path": str(user_mask),
+        "output_size": [256, 256, 128],
+        "spacing": SPACING,
+        "num_inference_steps": 2,
+        "quality_check_max_attempts": 1,
+        "progress": False,
+        **TINY,
+        **weights["rflow-ct"],
+        "trained_controlnet_path": tuned_path,
+    }
+    with bundle_scripts(BUNDLE):
+        networks = _parser(["inference.json"], generation).get_parsed_content("networks")
+    for key, value in networks.controlnet.state_dict().items():
+        torch.testing.assert_close(value, exported["controlnet_state_dict"][key])
+    run_bundle(BUNDLE, ["inference.json"], generation)
+    report = json.loads((tmp_path / "generated" / "generation_report.json").read_text())
+    assert report["settings"]["trained_controlnet_path"] == tuned_path
+    sample = report["samples"][0]
+    image = nib.load(sample["image"])
+    labels = np.asarray(nib.load(sample["label"]).dataobj)
+    data = np.asarray(image.dataobj)
+    assert data.shape == (256, 256, 128) and data.dtype == np.int16 and data.min() >= -1000 and data.max() <= 1000
+    assert NEW_LABEL in np.unique(labels) and (data[labels == 0] == -1000).all() and data[labels > 0].std() > 0
+    np.testing.assert_allclose(image.affine, np.diag([*SPACING, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"weighted_loss_label": [300]}, "weighted_loss_label=[300]"),
+        ({"weighted_loss": 0.5}, "weighted_loss=0.5"),
+        ({"use_region_contrastive_loss": "yes"}, "use_region_contrastive_loss='yes'"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"validation_fold": 1, "datalist_file": "missing.json"}, "datalist_file=missing.json"),
+        ({"controlnet_init_path": "missing_controlnet.pt"}, "controlnet_init_path=missing_controlnet.pt"),
+    ],
+)
+def test_bad_ids_refused_before_weights_load(workspace, tmp_path, extra, message):
+    root, weights = workspace
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    bad_weights = weights["rflow-ct"] if "controlnet_init_path" in extra else {**weights["rflow-ct"], "trained_diffusion_path": str(corrupt)}
+    overrides = _overrides(root, bad_weights, tmp_path, **extra)
+    with bundle_scripts(BUNDLE), pytest.raises(Exception) as error:
+        _parser(CONFIGS, overrides).get_parsed_content("initialize")
+    assert message in _messages(error.value)
+
+
+def test_torchrun_two_processes(workspace, tmp_path):
+    root, weights = workspace
+    overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, batch_size=1)
+    run_bundle(BUNDLE, [*CONFIGS, "multi_gpu_train_controlnet.json"], overrides, torchrun_procs=2)
+    checkpoint = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2  # 4 pairs over 2 ranks, batch 1
+    assert checkpoint["lr_scheduler"]["_step_count"] == 3  # PolynomialLR over this rank's 2 iterations
+    exported = torch.load(tmp_path / "controlnet.pt", map_location="cpu", weights_only=True)
+    assert set(exported) == {"controlnet_state_dict"}
