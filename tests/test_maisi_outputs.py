@@ -241,6 +241,33 @@ def test_non_volume_extension_refused(outputs, tmp_path):
         outputs.sample_filenames(tmp_path, 0, 1, ".png", ".nii.gz")
 
 
+def test_one_atomic_write_for_volumes_reports_and_checkpoints(outputs, tmp_path):
+    """outputs and atomic_torch_save write through common/core's atomic_write: hidden temporary, then rename."""
+    checkpoint = importlib.import_module("scripts.checkpoint")
+    assert outputs.atomic_write is checkpoint.atomic_write
+    seen = []
+
+    def write(tmp_name):
+        seen.append(os.path.basename(tmp_name))
+        with open(tmp_name, "w") as handle:
+            handle.write("new")
+
+    assert checkpoint.atomic_write(tmp_path / "sub" / "a.nii.gz", write) == tmp_path / "sub" / "a.nii.gz"
+    assert seen[-1].startswith(".a.") and seen[-1].endswith(".tmp.nii.gz")  # writers pick the format by the ending
+    checkpoint.atomic_write(tmp_path / "sub" / "a.nii.gz", write, suffix=".json")
+    assert seen[-1].startswith(".a.nii.gz.") and seen[-1].endswith(".tmp.json")
+    def interrupted(tmp_name):
+        write(tmp_name)
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        checkpoint.atomic_write(tmp_path / "sub" / "a.nii.gz", interrupted)
+    assert _files(tmp_path / "sub") == ["a.nii.gz"]
+    checkpoint.atomic_torch_save({"epoch": 3}, tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True) == {"epoch": 3}
+    assert "ckpt.pt" in _files(tmp_path) and not [n for n in _files(tmp_path) if n.startswith(".")]
+
+
 def test_failed_write_keeps_old_file_and_leaves_no_temporary(outputs, tmp_path, monkeypatch):
     path = outputs.write_volume(_ct_image(0), tmp_path / "ct.nii.gz", SPACING, np.int16)
     before = path.read_bytes()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,74 @@ def unwrap_module(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else network
 
 
+def _create_temporary(folder: Path, prefix: str, suffix: str) -> str:
+    """
+    Create an empty, uniquely named file. Unlike ``tempfile.mkstemp`` (always mode 0600), the mode follows
+    the umask, so the renamed file gets the same permissions as any other new file.
+    """
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in '{folder}'.")
+
+
+def _fsync(path: str) -> None:
+    try:
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except OSError:  # e.g. file systems without fsync; the rename is still atomic
+        pass
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: str | None = None) -> Path:
+    """
+    Call ``write(temporary_name)`` and rename the result over ``path``: readers see the old file or the
+    complete new one, never a half-written file.
+
+    The temporary file is hidden (``.<name>.<random>.tmp<suffix>``), lives in ``path``'s folder (so
+    ``os.replace``, atomic on POSIX and Windows, is a rename and never a copy), is flushed to disk before
+    the rename and is removed if anything fails, leaving any previous ``path`` untouched. Its permissions
+    follow the umask.
+
+    Parameters
+    ----------
+    path
+        destination file; its folder is created if needed.
+    write
+        writes the content to the file name it is given (e.g. ``lambda tmp: nib.save(image, tmp)``).
+    suffix
+        ending of the temporary name, which is how writers that choose the format from the name (NIfTI,
+        ITK, PIL) pick it; ``None`` takes ``path``'s suffixes (``".nii.gz"`` for ``"a.nii.gz"``).
+
+    Returns
+    -------
+    Path
+        The destination path.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) if suffix is None else suffix
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.name[: len(path.name) - len(suffix)] if suffix and path.name.lower().endswith(suffix.lower()) else path.name
+    tmp_name = _create_temporary(path.parent, f".{base}.", f".tmp{suffix}")
+    try:
+        write(tmp_name)
+        _fsync(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
+    return path
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """
-    Save ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one.
-
-    The object is written to a temporary file in the same folder, flushed to disk and then renamed
-    over ``path`` (``os.replace`` is atomic on POSIX and Windows).
+    Save ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one
+    (:func:`atomic_write`).
 
     Parameters
     ----------
@@ -58,20 +120,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     Path
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
-    return path
+    return atomic_write(path, lambda tmp_name: torch.save(obj, tmp_name), suffix="")
 
 
 class ResumableCheckpoint:

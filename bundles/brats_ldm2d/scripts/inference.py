@@ -27,7 +27,7 @@ from monai.inferers import Inferer, LatentDiffusionInferer
 from monai.networks.schedulers import Scheduler
 from PIL import Image
 
-from .checkpoint import is_main_process, load_network_weights, unwrap_module
+from .checkpoint import atomic_write, is_main_process, load_network_weights, unwrap_module
 from .data import check_choice
 
 logger = logging.getLogger(__name__)
@@ -77,12 +77,6 @@ def to_display(image: np.ndarray) -> np.ndarray:
     return np.round(np.flipud(clipped.T)[:, ::-1] * 255).astype(np.uint8)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_slice(image: np.ndarray, output_dir: str | os.PathLike, stem: str, pixdim: float = 1.0) -> tuple[Path, Path]:
     """
     Write a 2D slice as ``<stem>.nii.gz`` (float32, values as given, ``pixdim`` mm pixels) and ``<stem>.png``.
@@ -97,8 +91,8 @@ def write_slice(image: np.ndarray, output_dir: str | os.PathLike, stem: str, pix
         raise ValueError(f"expected a 2D slice, got shape {data.shape}.")
     affine = np.diag([pixdim, pixdim, 1.0, 1.0])
     nii_path, png_path = output_dir / f"{stem}.nii.gz", output_dir / f"{stem}.png"
-    _atomic_write(nii_path, lambda tmp: nib.save(nib.Nifti1Image(data[..., None], affine), str(tmp)))
-    _atomic_write(png_path, lambda tmp: Image.fromarray(to_display(data)).save(tmp, format="PNG"))
+    atomic_write(nii_path, lambda tmp: nib.save(nib.Nifti1Image(data[..., None], affine), tmp))
+    atomic_write(png_path, lambda tmp: Image.fromarray(to_display(data)).save(tmp, format="PNG"))
     return nii_path, png_path
 
 
@@ -162,7 +156,7 @@ def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> Path:
     """Write ``report`` as indented JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=str)))
     return path
 
 

@@ -42,7 +42,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .outputs import _atomic_write
+from .checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ def write_latent(
         with open(tmp_name, "w") as handle:
             json.dump(checked, handle, indent=4)
 
-    _atomic_write(path, ".nii.gz", write_nifti)
-    _atomic_write(sidecar_path(path), SIDECAR_SUFFIX, write_json)
+    atomic_write(path, write_nifti, suffix=".nii.gz")
+    atomic_write(sidecar_path(path), write_json, suffix=SIDECAR_SUFFIX)
     return path
 
 
@@ -612,4 +612,4 @@ def create_embeddings(
         with open(tmp_name, "w") as handle:
             json.dump({"training": entries}, handle, indent=4)
 
-    return _atomic_write(datalist_path, ".json", write_json)
+    return atomic_write(datalist_path, write_json, suffix=".json")

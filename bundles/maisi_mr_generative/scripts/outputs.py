@@ -45,8 +45,7 @@ import json
 import math
 import os
 import platform
-import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from monai.data.image_writer import ITKWriter, NibabelWriter, resolve_writer
 from monai.utils import convert_to_numpy
 from PIL import Image
 
+from .checkpoint import atomic_write
 from .constants import BACKGROUND_LABEL, BODY_LABEL, CT_HU_MAX, CT_HU_MIN
 from .labels import filter_label_map, label_output_dtype
 from .quality import QualityReport
@@ -156,55 +156,6 @@ def orientation_codes(affine: NdarrayOrTensor) -> tuple[str, str, str]:
         One code per array axis.
     """
     return tuple(nib.aff2axcodes(np.asarray(convert_to_numpy(affine), dtype=np.float64)))  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Atomic writes
-# ----------------------------------------------------------------------------------------------------
-
-
-def _fsync(path: str) -> None:
-    try:
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-    except OSError:  # e.g. file systems without fsync; the rename below is still atomic
-        pass
-
-
-def _create_temporary(folder: Path, prefix: str, suffix: str) -> str:
-    """
-    Create an empty, uniquely named file. Unlike ``tempfile.mkstemp`` (always mode 0600), the mode follows
-    the umask, so the renamed output gets the same permissions as any other new file.
-    """
-    for _ in range(100):
-        name = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
-        try:
-            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file in '{folder}'.")
-
-
-def _atomic_write(path: Path, ext: str, write: Callable[[str], None]) -> Path:
-    """
-    Call ``write(temporary_name)`` and rename the result over ``path``.
-
-    The temporary file is hidden, lives in ``path``'s folder (so ``os.replace`` is a rename, never a copy)
-    and ends with ``ext`` (writers choose the format from the name). It is removed if anything fails.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    base = path.name[: len(path.name) - len(ext)] if ext and path.name.lower().endswith(ext) else path.name
-    tmp_name = _create_temporary(path.parent, f".{base}.", f".tmp{ext}")
-    try:
-        write(tmp_name)
-        _fsync(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,7 +300,7 @@ def write_volume(
         else:
             writer.write(tmp_name, verbose=False)
 
-    return _atomic_write(path, ext, write)
+    return atomic_write(path, write, suffix=ext)
 
 
 def write_labels(
@@ -687,7 +638,7 @@ def preview_png(
         canvas[: panel.shape[0], column : column + panel.shape[1]] = panel
         column += panel.shape[1] + PREVIEW_GAP
     picture = Image.fromarray(canvas, mode="RGB")
-    return _atomic_write(path, ".png", lambda tmp: picture.save(tmp, format="PNG", optimize=False, compress_level=6))
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG", optimize=False, compress_level=6), suffix=".png")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -951,7 +902,7 @@ def write_run_report(
         with open(tmp_name, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    return _atomic_write(path, path.suffix, write)
+    return atomic_write(path, write, suffix=path.suffix)
 
 
 def load_run_report(path: str | os.PathLike) -> RunReport:

@@ -47,7 +47,7 @@ import numpy as np
 
 from .constants import BODY_REGIONS
 from .embeddings import LATENT_DOWNSAMPLE, LATENT_SUFFIX, make_sidecar, modality_code, sidecar_path
-from .outputs import _atomic_write
+from .checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _write_json(path: Path, content: Any) -> Path:
         with open(tmp_name, "w") as handle:
             json.dump(content, handle, indent=4)
 
-    return _atomic_write(Path(path), ".json", write)
+    return atomic_write(path, write, suffix=".json")
 
 
 def _three(name: str, value: Any, kind: type) -> list:
@@ -247,7 +247,7 @@ def _resample_one(source: Path, target: Path, spacing: list[float], shape: list[
         image.header.set_xyzt_units("mm")
         nib.save(image, tmp_name)
 
-    _atomic_write(target, ".nii.gz" if target.name.endswith(".nii.gz") else ".nii", write)
+    atomic_write(target, write, suffix=".nii.gz" if target.name.endswith(".nii.gz") else ".nii")
 
 
 def resample(
