@@ -21,7 +21,6 @@ TINY = {
     "autoencoder_def#num_channels": [8, 8, 8],
     "autoencoder_def#num_res_blocks": [1, 1, 1],
     "autoencoder_def#norm_num_groups": 8,
-    "autoencoder_def#num_splits": 1,
     "discriminator_def#channels": 8,
     "discriminator_def#num_layers_d": 2,
 }
