@@ -152,3 +152,43 @@ def write_datalist(path: str | Path, items: Sequence[Mapping[str, object]]) -> P
     path = Path(path)
     path.write_text(json.dumps({"training": list(items)}, indent=4))
     return path
+
+
+def simulated_embeddings(bundle_dir: str | Path, root: str | Path, num_images: int = 4, shape: Sequence[int] = (32, 32, 32), spacing: Sequence[float] = (1.5, 1.5, 2.0)) -> dict[str, str]:
+    """
+    The first steps of the simulated-data flow, through the bundle's own code and configs.
+
+    Simulates the dataset under ``root/data``, writes its datalist with ``scripts.data_prep datalist``
+    (2 folds, body regions from the labels), writes a tiny initial autoencoder (and ControlNet, for
+    generation) under ``root/models``, and encodes the images with ``configs/create_embeddings.json``
+    into ``root/embeddings``. Returns the paths: ``trained_autoencoder_path``, ``trained_controlnet_path``,
+    ``latent_datalist_file``.
+    """
+    import subprocess
+    import sys
+
+    from demo.runner import run_bundle
+
+    bundle_dir, root = Path(bundle_dir), Path(root)
+    simulate_ct_dataset(root / "data", num_images, shape, spacing, seed=0)
+    command = [sys.executable, "-m", "scripts.data_prep", "datalist", str(root / "data/images"), str(root / "data/datalist.json")]
+    command += ["--label_dir", str(root / "data/labels"), "--num_folds", "2", "--regions_from_labels", "True"]
+    subprocess.run(command, cwd=bundle_dir, check=True, capture_output=True, text=True)
+    weights = write_initial_weights(
+        bundle_dir, ["inference.json"], MAISI_TINY, root / "models", {"autoencoder_def": None, "controlnet_def": "controlnet_state_dict"}
+    )
+    overrides = {
+        "bundle_root": str(bundle_dir),
+        "datalist_file": str(root / "data/datalist.json"),
+        "embedding_output_dir": str(root / "embeddings"),
+        "trained_autoencoder_path": weights["autoencoder_def"],
+        "embedding_divisible_k": MAISI_TINY_DIVISIBLE_K,
+        "progress": False,
+        **MAISI_TINY,
+    }
+    run_bundle(bundle_dir, ["inference.json", "create_embeddings.json"], overrides)
+    return {
+        "trained_autoencoder_path": weights["autoencoder_def"],
+        "trained_controlnet_path": weights["controlnet_def"],
+        "latent_datalist_file": str(root / "embeddings" / "datalist_latents.json"),
+    }
