@@ -173,6 +173,27 @@ def test_controlnet_init_from_unet_and_weighted_loss(workspace, tmp_path):
         assert scripts.controlnet_training.polynomial_total_iters(3, 2) == 6
 
 
+def test_training_pair_transform(workspace, tmp_path):
+    root, _ = workspace
+    mask = np.asarray(nib.load(root / "case0_label.nii.gz").dataobj).astype(np.int16)
+    mask[:4, :4, :4] = 401  # an MR tumour id above 255: mapped as generation maps it
+    nib.save(nib.Nifti1Image(mask, np.diag([*SPACING, 1.0])), str(tmp_path / "mr_label.nii.gz"))
+    nib.save(nib.Nifti1Image(mask[:-4], np.diag([*SPACING, 1.0])), str(tmp_path / "bad_label.nii.gz"))
+    with bundle_scripts(BUNDLE):
+        from scripts.controlnet_training import controlnet_train_transforms
+
+        transform = controlnet_train_transforms()
+        sample = transform({"image": str(root / "case0_emb.nii.gz"), "label": str(tmp_path / "mr_label.nii.gz")})
+        with pytest.raises(Exception) as error:
+            transform({"image": str(root / "case0_emb.nii.gz"), "label": str(tmp_path / "bad_label.nii.gz")})
+    assert sample["image"].shape == (4, *LATENT_SHAPE) and sample["label"].shape == (1, *IMAGE_SHAPE)
+    assert sample["label"].dtype == torch.int16 and int(sample["label"][0, 0, 0, 0]) == 129
+    assert set(torch.unique(sample["label"]).tolist()) == {0, 129, 200, LUNG_TUMOR, LUNG_LOBE}
+    assert sample["spacing"].tolist() == pytest.approx(SPACING) and int(sample["modality"]) == 1
+    assert sample["top_region_index"].tolist() == [0, 1, 0, 0]
+    assert "does not match its latent" in _messages(error.value)
+
+
 def test_region_contrastive_loss(workspace, tmp_path):
     root, weights = workspace
     overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, use_region_contrastive_loss=True, region_contrastive_loss_weight=1.0)

@@ -110,8 +110,14 @@ def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
     assert "val_psnr" in log and "perceptual_loss" in log
     first_export = torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)
 
-    log = run_bundle(BUNDLE, CONFIGS, {**overrides, "max_epochs": 2, "perceptual_weight": 0.0}).stdout
-    assert "resumed from" in log and "at epoch 1 (iteration 2)" in log
+    with bundle_scripts(BUNDLE):  # resume in-process (the command line ran above)
+        parser = _parser({**overrides, "max_epochs": 2, "perceptual_weight": 0.0})
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        iterations: list[int] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(e.state.iteration))
+        trainer.run()
+    assert iterations == [3, 4]  # continued after the saved epoch 1 / iteration 2
     checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 4
     exported = torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)

@@ -19,6 +19,7 @@ modality / body-region inputs the UNet was built with.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,12 +31,12 @@ import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 from monai.networks.utils import copy_model_state
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd
+from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, Orientationd
 
 from .checkpoint import load_network_weights, unwrap_module
 from .constants import MAX_CONTROLNET_LABEL
 from .embeddings import LATENT_DOWNSAMPLE, LoadLatentd
-from .labels import binarize_labels, region_condition, remove_tumors, spacing_condition
+from .labels import binarize_labels, region_condition, remap_mr_labels_for_controlnet, remove_tumors, spacing_condition
 from .sampler import SamplingConditions, predict
 from .training_data import check_amp, check_non_negative, check_positive_int, check_positive_number
 
@@ -108,16 +109,35 @@ def _label_matches_latent(data: Mapping[str, Any]) -> dict[str, Any]:
     return dict(data)
 
 
-def controlnet_train_transforms(default_modality: int | None = None) -> Compose:
+def _labels_in_controlnet_range(data: Mapping[str, Any], label_mapping: Mapping[Any, Any] | None = None) -> dict[str, Any]:
+    """
+    Map label ids above 255 (MR, e.g. BraTS 401-403 and body 500) into the 8-bit ControlNet range with
+    ``labels.remap_mr_labels_for_controlnet`` (+ ``label_mapping``); ids up to 255 are unchanged.
+    """
+    label = data["label"]
+    try:
+        mapped = remap_mr_labels_for_controlnet(label, label_mapping)
+    except ValueError as error:
+        source = getattr(label, "meta", {}).get("filename_or_obj", "a training label map")
+        raise ValueError(f"{source}: {error} Add the ids to controlnet_label_mapping.") from error
+    return {**data, "label": mapped}
+
+
+def controlnet_train_transforms(default_modality: int | None = None, label_mapping: Mapping[Any, Any] | None = None) -> Compose:
     """
     Load a training pair: the latent and its sidecar conditions (``embeddings.LoadLatentd``) and the raw-id mask.
 
     The mask is read at the image resolution (RAS, integer ids), and must be 4x the latent size per axis.
+    MR ids above 255 (BraTS tumour 401-403, body 500) are mapped as generation maps them
+    (``labels.remap_mr_labels_for_controlnet``); ids up to 255 are unchanged.
+    Ids above 255 are mapped into the ControlNet range as at generation time (``_labels_in_controlnet_range``).
 
     Parameters
     ----------
     default_modality
         modality code for sidecars without ``modality`` (``None``: such sidecars are an error).
+    label_mapping
+        extra ``{source_id: target_id}`` entries for ids above 255 (``controlnet_label_mapping``).
     """
     return Compose(
         [
@@ -125,7 +145,10 @@ def controlnet_train_transforms(default_modality: int | None = None) -> Compose:
             LoadImaged(keys="label", image_only=True),
             EnsureChannelFirstd(keys="label"),
             Orientationd(keys="label", axcodes="RAS"),
+            EnsureTyped(keys="label", dtype=torch.int16),
+            functools.partial(_labels_in_controlnet_range, label_mapping=label_mapping),
             EnsureTyped(keys="label", dtype=torch.int16, track_meta=False),
+            Lambdad(keys="label", func=remap_mr_labels_for_controlnet),
             _label_matches_latent,
         ]
     )
