@@ -14,6 +14,10 @@ End-to-end demo on generated data, on the CPU in a few minutes.
 brats_ldm2d: write a small BraTS-like dataset, train a small autoencoder and a small latent diffusion
 model with the bundle's own configs, sample new slices (NIfTI + PNG) and check reconstructions.
 
+maisi_ct_generative: the MAISI diffusion-training flow on a simulated CT dataset with tiny networks:
+check the images and build the datalist (``scripts.data_prep``), encode them into latent embeddings,
+train the diffusion UNet (rectified flow) and generate a CT from a mask with the trained UNet.
+
 Usage: ``python -m demo.run_demo [--output-dir demo_output]``
 """
 
@@ -22,9 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from demo.maisi_presets import (
+    MAISI_TINY,
+    MAISI_TINY_DIFFUSION_TRAINING,
+    MAISI_TINY_DIVISIBLE_K,
+    read_scalars,
+    simulate_ct_dataset,
+    write_initial_weights,
+)
 from demo.runner import BUNDLES_DIR, bundle_command, display_command, run_bundle
 from demo.synthetic import make_brats_like_dataset
 
@@ -128,6 +145,87 @@ def run_brats_demo(output_dir: Path) -> dict:
     }
 
 
+def _data_prep(title: str, bundle: Path, arguments: list[str]) -> None:
+    command = [sys.executable, "-m", "scripts.data_prep", *arguments]
+    logger.info("%s\n    $ cd %s && python -m scripts.data_prep %s", title, bundle.relative_to(BUNDLES_DIR.parent), " ".join(arguments))
+    subprocess.run(command, cwd=bundle, check=True, capture_output=True, text=True)
+
+
+def run_maisi_demo(output_dir: Path) -> dict:
+    """Run the MAISI diffusion-training flow on a simulated CT dataset; return where the results are."""
+    bundle = BUNDLES_DIR / "maisi_ct_generative"
+    root = output_dir / "maisi_ct_generative"
+    data_dir = root / "data"
+    simulate_ct_dataset(data_dir, num_images=4, shape=(64, 64, 32), spacing=(3.0, 3.0, 4.0), seed=0)
+    _data_prep("[1/5] check the images", bundle, ["check", str(data_dir / "images"), "--report", str(root / "data_check_report.json")])
+    _data_prep(
+        "[2/5] build the datalist (2 folds, body regions from the labels)",
+        bundle,
+        ["datalist", str(data_dir / "images"), str(data_dir / "datalist.json"), "--label_dir", str(data_dir / "labels"), "--num_folds", "2", "--regions_from_labels", "True"],
+    )
+    # the tiny autoencoder and ControlNet are untrained stand-ins for the published weights
+    weights = write_initial_weights(bundle, ["inference.json"], MAISI_TINY, root / "models", {"autoencoder_def": None, "controlnet_def": "controlnet_state_dict"})
+    common = {"bundle_root": str(bundle), **MAISI_TINY}
+    _step(
+        "[3/5] encode the images into latent embeddings (posterior mean + sidecars)",
+        bundle,
+        ["inference.json", "create_embeddings.json"],
+        {
+            **common,
+            "datalist_file": str(data_dir / "datalist.json"),
+            "embedding_output_dir": str(root / "runs/create_embeddings"),
+            "trained_autoencoder_path": weights["autoencoder_def"],
+            "embedding_divisible_k": MAISI_TINY_DIVISIBLE_K,
+        },
+    )
+    train_dir = root / "runs/train_diffusion"
+    _step(
+        "[4/5] train the diffusion UNet (rectified flow)",
+        bundle,
+        ["inference.json", "train_diffusion.json"],
+        {
+            **common,
+            **MAISI_TINY_DIFFUSION_TRAINING,
+            "latent_datalist_file": str(root / "runs/create_embeddings/datalist_latents.json"),
+            "train_output_dir": str(train_dir),
+            "max_epochs": 10,
+            "save_interval": 5,
+        },
+    )
+    mask = np.zeros((64, 64, 32), dtype=np.uint8)
+    mask[8:-8, 8:-8, :] = 200
+    mask[20:40, 20:40, 8:24] = 1
+    nib.save(nib.Nifti1Image(mask, np.diag([4.0, 4.0, 8.0, 1.0])), str(root / "mask.nii.gz"))
+    generated_dir = root / "generated"
+    _step(
+        "[5/5] generate a CT from a mask with the trained UNet (trained_diffusion_path)",
+        bundle,
+        ["inference.json"],
+        {
+            **common,
+            "output_dir": str(generated_dir),
+            "mask_path": str(root / "mask.nii.gz"),
+            "output_size": [256, 256, 128],
+            "spacing": [1.0, 1.0, 2.0],
+            "num_inference_steps": 4,
+            "quality_check_max_attempts": 1,
+            "augment_masks": False,
+            "trained_autoencoder_path": weights["autoencoder_def"],
+            "trained_controlnet_path": weights["controlnet_def"],
+            "trained_diffusion_path": str(train_dir / "diff_unet_3d_rflow-ct.pt"),
+        },
+    )
+    losses = read_scalars(train_dir / "tensorboard", "train_loss")
+    return {
+        "data_check_report": str(root / "data_check_report.json"),
+        "latent_datalist": str(root / "runs/create_embeddings/datalist_latents.json"),
+        "diffusion_loss_first_last_epoch": [round(float(np.mean(losses[:4])), 3), round(float(np.mean(losses[-4:])), 3)],
+        "trained_diffusion": str(train_dir / "diff_unet_3d_rflow-ct.pt"),
+        "generated": sorted(str(p) for p in generated_dir.rglob("*") if p.suffix in (".gz", ".png")),
+        "tensorboard": str(root / "runs"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="where everything is written")
@@ -135,6 +233,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     summary = {"brats_ldm2d": run_brats_demo(args.output_dir.resolve())}
+    summary["maisi_ct_generative"] = run_maisi_demo(args.output_dir.resolve())
     logger.info("demo finished in %.0f s:\n%s", time.perf_counter() - start, json.dumps(summary, indent=2))
 
 
