@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 from monai.networks.utils import copy_model_state
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, Orientationd
+from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd
 
 from .checkpoint import load_network_weights, unwrap_module
 from .constants import MAX_CONTROLNET_LABEL
@@ -129,8 +129,7 @@ def controlnet_train_transforms(default_modality: int | None = None, label_mappi
 
     The mask is read at the image resolution (RAS, integer ids), and must be 4x the latent size per axis.
     MR ids above 255 (BraTS tumour 401-403, body 500) are mapped as generation maps them
-    (``labels.remap_mr_labels_for_controlnet``); ids up to 255 are unchanged.
-    Ids above 255 are mapped into the ControlNet range as at generation time (``_labels_in_controlnet_range``).
+    (``labels.remap_mr_labels_for_controlnet`` + ``label_mapping``); ids up to 255 are unchanged.
 
     Parameters
     ----------
@@ -148,7 +147,6 @@ def controlnet_train_transforms(default_modality: int | None = None, label_mappi
             EnsureTyped(keys="label", dtype=torch.int16),
             functools.partial(_labels_in_controlnet_range, label_mapping=label_mapping),
             EnsureTyped(keys="label", dtype=torch.int16, track_meta=False),
-            Lambdad(keys="label", func=remap_mr_labels_for_controlnet),
             _label_matches_latent,
         ]
     )
