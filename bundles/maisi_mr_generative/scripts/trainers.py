@@ -1,0 +1,175 @@
+# Copyright (c) MONAI generative bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The VAE-GAN trainer: MONAI's ``AdversarialTrainer`` with the KL and perceptual terms a KL autoencoder needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.engines import AdversarialTrainer
+from monai.utils import AdversarialKeys, CommonKeys
+
+from .checkpoint import unwrap_module
+from .losses import kl_divergence
+
+KL_LOSS = "kl_loss"
+PERCEPTUAL_LOSS = "perceptual_loss"
+
+
+class VAEGANTrainer(AdversarialTrainer):
+    """
+    ``AdversarialTrainer`` for a variational autoencoder whose forward returns ``(reconstruction, z_mu, z_sigma)``.
+
+    One iteration:
+
+    1. generator step: ``recon_loss + kl_weight * KL + perceptual_weight * perceptual + adv_weight * g_adv``,
+       where the discriminator is evaluated with frozen parameters (no discriminator gradients are
+       computed or all-reduced during this step);
+    2. discriminator step: ``adv_weight * d_loss_function(real_logits, fake_logits)`` on the detached
+       reconstruction.
+
+    The discriminator is expected to return a list of feature maps whose last entry is the logits
+    (``monai.networks.nets.PatchDiscriminator``). ``g_loss_function(fake_logits)`` and
+    ``d_loss_function(real_logits, fake_logits)`` are the adversarial terms (see ``scripts.losses``).
+    The engine output carries the usual ``AdversarialKeys`` plus ``kl_loss`` and ``perceptual_loss``.
+
+    Parameters
+    ----------
+    kl_weight
+        weight of the KL divergence.
+    perceptual_loss
+        a frozen perceptual loss module, or ``None`` to skip the term.
+    perceptual_weight
+        weight of the perceptual term.
+    adv_weight
+        weight of the adversarial terms; 0 disables both the generator's adversarial term and
+        the discriminator update.
+    kwargs
+        the arguments of ``monai.engines.AdversarialTrainer``.
+    """
+
+    def __init__(
+        self,
+        kl_weight: float,
+        perceptual_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        perceptual_weight: float,
+        adv_weight: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.kl_weight = kl_weight
+        self.perceptual_loss = perceptual_loss
+        self.perceptual_weight = perceptual_weight
+        self.adv_weight = adv_weight
+
+    def _autocast(self) -> torch.autocast:
+        device_type = torch.device(self.state.device).type
+        return torch.autocast(device_type=device_type, enabled=self.amp, **self.amp_kwargs)
+
+    def _backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    def _generator_step(self, inputs: torch.Tensor, targets: torch.Tensor, output: dict) -> torch.Tensor:
+        state = self.state
+        discriminator = unwrap_module(state.d_network)
+        state.g_network.train()
+        state.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        discriminator.requires_grad_(False)
+        try:
+            with self._autocast():
+                reconstruction, z_mu, z_sigma = state.g_network(inputs)
+                recon_loss = state.recon_loss_function(reconstruction.float(), targets.float()).mean()
+                kl_loss = kl_divergence(z_mu, z_sigma)
+                loss = recon_loss + self.kl_weight * kl_loss
+                perceptual = torch.zeros((), device=inputs.device)
+                if self.perceptual_loss is not None and self.perceptual_weight > 0:
+                    perceptual = self.perceptual_loss(reconstruction.float(), targets.float())
+                    loss = loss + self.perceptual_weight * perceptual
+                generator_adv = torch.zeros((), device=inputs.device)
+                if self.adv_weight > 0:
+                    generator_adv = state.g_loss_function(discriminator(reconstruction.float().contiguous())[-1])
+                    loss = loss + self.adv_weight * generator_adv
+            self._backward_step(loss, state.g_optimizer, state.g_scaler)
+        finally:
+            discriminator.requires_grad_(True)
+        output.update(
+            {
+                AdversarialKeys.FAKES: reconstruction,
+                CommonKeys.PRED: reconstruction,
+                AdversarialKeys.RECONSTRUCTION_LOSS: recon_loss.detach(),
+                KL_LOSS: kl_loss.detach(),
+                PERCEPTUAL_LOSS: perceptual.detach(),
+                AdversarialKeys.GENERATOR_LOSS: generator_adv.detach(),
+                CommonKeys.LOSS: loss.detach(),
+            }
+        )
+        return reconstruction
+
+    def _discriminator_step(self, inputs: torch.Tensor, reconstruction: torch.Tensor, output: dict) -> None:
+        state = self.state
+        if self.adv_weight <= 0:
+            output[AdversarialKeys.DISCRIMINATOR_LOSS] = torch.zeros((), device=inputs.device)
+            return
+        state.d_network.train()
+        state.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        with self._autocast():
+            fake_logits = state.d_network(reconstruction.detach().float().contiguous())[-1]
+            real_logits = state.d_network(inputs.float().contiguous())[-1]
+            d_loss = self.adv_weight * state.d_loss_function(real_logits, fake_logits)
+        self._backward_step(d_loss, state.d_optimizer, state.d_scaler)
+        output.update(
+            {
+                AdversarialKeys.REAL_LOGITS: real_logits.detach(),
+                AdversarialKeys.FAKE_LOGITS: fake_logits.detach(),
+                AdversarialKeys.DISCRIMINATOR_LOSS: d_loss.detach(),
+            }
+        )
+
+    def _iteration(self, engine: VAEGANTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Run one generator step and one discriminator step on ``batchdata``."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs = batch[0]
+        targets = inputs if batch[1] is None else batch[1]
+        output: dict[str, Any] = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: targets, AdversarialKeys.REALS: inputs}
+        reconstruction = engine._generator_step(inputs, targets, output)
+        engine._discriminator_step(inputs, reconstruction, output)
+        engine.state.output = output
+        return output
+
+
+def loss_terms(output: dict[str, Any]) -> dict[str, float]:
+    """Pick the scalar loss terms of an engine output for logging (VAE-GAN and diffusion trainers alike)."""
+    names = (
+        CommonKeys.LOSS,
+        AdversarialKeys.RECONSTRUCTION_LOSS,
+        KL_LOSS,
+        PERCEPTUAL_LOSS,
+        AdversarialKeys.GENERATOR_LOSS,
+        AdversarialKeys.DISCRIMINATOR_LOSS,
+    )
+    return {name: float(output[name]) for name in names if name in output}
+
+
+def every_n_iterations(interval: int) -> Callable[[Any, int], bool]:
+    """Event filter for ``StatsHandler(iteration_log=...)``: log every ``interval`` iterations."""
+    if interval < 1:
+        raise ValueError(f"log_every_n_iterations={interval} is not allowed; it must be an integer >= 1.")
+    return lambda engine, event: event % interval == 0

@@ -1,0 +1,138 @@
+# Copyright (c) MONAI generative bundles contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Datalists of the MAISI training configs and the checks every training config runs before building anything.
+
+A datalist is ``{"training": [{"image": ..., "label": ..., "fold": k}, ...]}``; paths are absolute or
+relative to the datalist's folder. Entries whose ``fold`` equals ``validation_fold`` form the
+validation split, all others the training split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SECTIONS",
+    "check_amp",
+    "check_non_negative",
+    "check_positive_int",
+    "check_positive_number",
+    "read_datalist",
+]
+
+SECTIONS = ("training", "validation")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1.")
+
+
+def check_positive_number(name: str, value: Any) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < float(value) < float("inf"):
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number > 0.")
+
+
+def check_non_negative(weights: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the first loss weight that is not a finite number >= 0."""
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= float(value) < float("inf"):
+            raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number >= 0.")
+
+
+def check_amp(amp: Any, device: torch.device | str) -> None:
+    """Mixed precision (``amp``) is a CUDA feature here: refuse it on other devices."""
+    if not isinstance(amp, bool):
+        raise ValueError(f"amp={amp!r} is not allowed; it must be true or false.")
+    if amp and torch.device(device).type != "cuda":
+        raise ValueError(f"amp=True is not allowed on device {device}; mixed precision needs CUDA (set --amp False).")
+
+
+def _resolve(path: Any, base: Path, key: str, index: int, datalist_file: Path) -> str:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"datalist_file={datalist_file}: entry {index} has no '{key}' path (got {path!r}).")
+    resolved = Path(path) if os.path.isabs(path) else base / path
+    if not resolved.is_file():
+        raise ValueError(f"datalist_file={datalist_file}: entry {index} '{key}' file {resolved} does not exist.")
+    return str(resolved)
+
+
+def read_datalist(
+    datalist_file: str | os.PathLike, validation_fold: Any, section: str, keys: Sequence[str] = ("image",)
+) -> list[dict[str, Any]]:
+    """
+    Read one split of a datalist, with absolute paths, checking that every listed file exists.
+
+    Parameters
+    ----------
+    datalist_file
+        the datalist JSON (config id ``datalist_file``).
+    validation_fold
+        the fold held out for validation (config id ``validation_fold``), an integer >= 0.
+    section
+        ``"training"`` (entries with ``fold != validation_fold``) or ``"validation"`` (``fold == validation_fold``).
+    keys
+        the path keys every entry must have (``image``; ``image`` and ``label`` for the ControlNet).
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        the entries of the split, paths made absolute; other fields are kept.
+
+    Raises
+    ------
+    ValueError
+        the file is missing or malformed, an entry lacks a key, ``fold`` or a file, or the split is empty.
+    """
+    if section not in SECTIONS:
+        raise ValueError(f"section={section!r} is not allowed; choose one of {SECTIONS}.")
+    if isinstance(validation_fold, bool) or not isinstance(validation_fold, Integral) or validation_fold < 0:
+        raise ValueError(f"validation_fold={validation_fold!r} is not allowed; it must be an integer >= 0.")
+    path = Path(datalist_file)
+    if not path.is_file():
+        raise ValueError(f"datalist_file={path} does not exist; build it with the data-preparation step.")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"datalist_file={path} cannot be read as JSON: {error}") from error
+    entries = content.get("training") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"datalist_file={path} must hold {{'training': [entries]}} with at least one entry.")
+    selected = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"datalist_file={path}: entry {index} is not an object.")
+        fold = entry.get("fold")
+        if isinstance(fold, bool) or not isinstance(fold, Integral) or fold < 0:
+            raise ValueError(f"datalist_file={path}: entry {index} needs an integer 'fold' >= 0, got {fold!r}.")
+        if (fold == validation_fold) != (section == "validation"):
+            continue
+        item = dict(entry)
+        for key in keys:
+            item[key] = _resolve(entry.get(key), path.parent, key, index, path)
+        selected.append(item)
+    if not selected:
+        rule = "fold == validation_fold" if section == "validation" else "fold != validation_fold"
+        raise ValueError(
+            f"datalist_file={path} has no {section} entries ({rule}, validation_fold={validation_fold}); "
+            "assign folds so that both splits are non-empty."
+        )
+    return selected
