@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, run_bundle
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
 OUTPUT_SIZE = [128, 128, 128]

@@ -1,7 +1,8 @@
 """
 The seed-000 flow for MR through maisi_mr_generative's own configs, on the CPU with tiny networks: simulated MR
 volumes -> datalist -> percentile normalisation -> latent embeddings (+ sidecars) -> rectified-flow training with
-modality dropout -> generation with the trained UNet (one id changed); and the multi-GPU overlay with gloo.
+modality dropout -> generation with the trained UNet (one id changed). The multi-GPU overlay and ControlNet
+training on the embedded masks are in test_maisi_mr_training_multi.py.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def prepare_mr_embeddings(root: Path) -> dict[str, str]:
     command += ["--label_dir", str(root / "data/labels"), "--num_folds", "2", "--modality", "mri_t1"]
     subprocess.run(command, cwd=BUNDLE, check=True, capture_output=True, text=True)
     weights = write_initial_weights(
-        BUNDLE, ["inference.json"], MAISI_TINY, root / "models", {"autoencoder_def": None, "controlnet_def": "controlnet_state_dict"}
+        BUNDLE, ["inference.json"], MAISI_TINY, root / "models", {"autoencoder_def": None, "diffusion_unet_def": "unet_state_dict"}
     )
     run_bundle(
         BUNDLE,
@@ -183,15 +184,3 @@ def test_rflow_mr_training_with_modality_dropout_then_generation(workspace, tmp_
     data = np.asarray(image.dataobj)
     assert image.shape == (128, 128, 128) and data.dtype == np.int16 and data.min() >= 0 and data.max() > 0
     np.testing.assert_allclose(image.header.get_zooms()[:3], [2.0, 2.0, 2.0])
-
-
-def test_multi_gpu_overlay_with_gloo(workspace, tmp_path):
-    root, _ = workspace
-    configs = ["inference.json", "train_diffusion.json", "multi_gpu_train_diffusion.json"]
-    run_bundle(BUNDLE, configs, _train_overrides(root, tmp_path, max_epochs=1), torchrun_procs=2)
-    losses = read_scalars(tmp_path / "tensorboard", "train_loss")
-    assert len(losses) == NUM_IMAGES // 2 and all(np.isfinite(losses))  # each rank sees half; rank 0 logs
-    exported = torch.load(tmp_path / "diff_unet_3d_rflow-mr.pt", weights_only=True)
-    unet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("diffusion_unet_def")
-    unet.load_state_dict(exported["unet_state_dict"], strict=True)  # no DDP "module." prefix
-    assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["epoch"] == 1
