@@ -112,7 +112,8 @@ def test_rflow_training_learns_exports_and_resumes_with_stored_scale_factor(work
     checkpoint = torch.load(output / "checkpoint_last.pt", weights_only=True)
     assert checkpoint["epoch"] == 10 and checkpoint["iteration"] == 10 * NUM_IMAGES
     assert checkpoint["scale_factor"] == exported["scale_factor"]
-    assert checkpoint["lr_scheduler"]["total_iters"] == 10 * NUM_IMAGES
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 10 * NUM_IMAGES
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.0  # polynomial decay ends at 0
 
     # resume: continues at epoch 11 with the scale factor of the checkpoint (a sentinel proves it is not recomputed)
     checkpoint["scale_factor"] = 0.5
@@ -123,6 +124,8 @@ def test_rflow_training_learns_exports_and_resumes_with_stored_scale_factor(work
     assert resumed["scale_factor"] == 0.5
     assert torch.load(output / "diff_unet_3d_rflow-ct.pt", weights_only=True)["scale_factor"] == 0.5
     assert len(read_scalars(output / "tensorboard", "train_loss")) == 11 * NUM_IMAGES
+    resumed_weights = torch.load(output / "diff_unet_3d_rflow-ct.pt", weights_only=True)["unet_state_dict"]
+    assert any(not torch.equal(resumed_weights[k], v) for k, v in exported["unet_state_dict"].items())  # decay re-spread over 11 epochs
 
     # fine-tuning from an exported UNet (config resolved in-process) keeps its scale factor and its weights
     torch.save(dict(exported, scale_factor=0.75), tmp_path / "pretrained.pt")

@@ -50,6 +50,7 @@ __all__ = [
     "compute_scale_factor",
     "every_n_iterations",
     "load_pretrained_unet",
+    "polynomial_decay",
     "training_loss",
     "resolve_scale_factor",
 ]
@@ -293,6 +294,22 @@ def check_diffusion_training_settings(
             raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1.")
     if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(float(lr)) or lr <= 0:
         raise ValueError(f"lr={lr!r} is not allowed; it must be a positive number.")
+
+
+def polynomial_decay(total_iters: int, power: float = 2.0) -> Callable[[int], float]:
+    """
+    The LR factor ``(1 - min(step, total_iters) / total_iters) ** power`` for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Unlike ``PolynomialLR``, whose checkpointed state carries ``total_iters``, the length comes from the
+    current config: resuming with a larger ``max_epochs`` continues the decay over the new length.
+    """
+    if isinstance(total_iters, bool) or not isinstance(total_iters, Integral) or total_iters < 1:
+        raise ValueError(f"the LR schedule needs at least one iteration, got total_iters={total_iters!r}.")
+
+    def factor(step: int) -> float:
+        return (1.0 - min(step, total_iters) / total_iters) ** power
+
+    return factor
 
 
 def training_loss(output: Mapping[str, Any]) -> float:
