@@ -60,6 +60,10 @@ def test_published_architectures_for_both_versions(scripts):
     base = json.loads((BUNDLE / "configs/inference.json").read_text())
     assert base["trained_autoencoder_path"].endswith("/autoencoder_v2.pt'") and base["version"] == "rflow-mr"
     assert (base["cfg_guidance_scale"], overlay["cfg_guidance_scale"]) == (15.0, 2.0)
+    # the published defaults of each version: geometry, steps, modality, seed
+    assert (base["output_size"], base["spacing"], base["num_inference_steps"]) == ([128, 256, 256], [1.25, 1.0, 1.0], 30)
+    assert (base["modality"], base["random_seed"]) == ("mri_t1", 0)
+    assert (overlay["output_size"], overlay["spacing"], overlay["random_seed"]) == ([256, 256, 128], [0.94, 0.94, 1.36], 1234)
     ct = json.loads((CT_BUNDLE / "configs/inference.json").read_text())
     from monai.bundle import ConfigParser
 
