@@ -26,6 +26,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny networks gain nothing from threads, and on a busy 2-core machine 2 threads spin (10x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the bundle runs in subprocesses
+    yield
+    torch.set_num_threads(previous)
+
+
 def _ct_volume(rng: np.random.Generator) -> np.ndarray:
     """A body (0 HU) in air (-1000 HU) with a bright sphere at a random place: learnable in a few dozen steps."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
