@@ -592,13 +592,19 @@ def create_embeddings(
                     f"image '{source}' has shape {tuple(image.shape)} after loading; the autoencoder needs one channel "
                     "(split multi-channel images into one file per channel)."
                 )
+            item_modality = item.get("modality", modality)
+            if isinstance(item_modality, str):
+                raise ValueError(
+                    f"the datalist entry of '{source}' has modality={item_modality!r}; it must be an integer code of "
+                    "modality_mapping.json (e.g. 1 = ct, 9 = mri_t1), as `scripts.data_prep datalist` writes it."
+                )
             spacing = _image_spacing(image)
             tensor = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
             latent = encode_posterior_mean(encoder, tensor, sliding_window_size, overlap)
             sidecar = make_sidecar(
                 dim=list(image.shape[1:]),
                 spacing=spacing,
-                modality=item.get("modality", modality),
+                modality=item_modality,
                 top_region_index=item.get("top_region_index"),
                 bottom_region_index=item.get("bottom_region_index"),
             )

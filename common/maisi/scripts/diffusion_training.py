@@ -207,7 +207,8 @@ def compute_scale_factor(latents: Sequence[torch.Tensor]) -> float:
 def _stored_scale_factor(path: Path) -> float | None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(checkpoint, Mapping) and "scale_factor" in checkpoint:
-        return float(torch.as_tensor(checkpoint["scale_factor"]).item())
+        value = checkpoint["scale_factor"]
+        return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
     return None
 
 
