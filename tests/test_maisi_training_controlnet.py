@@ -10,6 +10,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
 
@@ -224,6 +225,9 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
     checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 4
     assert checkpoint["lr_scheduler"]["last_epoch"] == 4  # the polynomial schedule counts iterations
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss", "l1_loss", "region_contrastive_loss"} <= set(events.Tags()["scalars"])
     exported = torch.load(tmp_path / "run" / "controlnet.pt", map_location="cpu", weights_only=True)
     assert set(exported) == {"controlnet_state_dict"}
     published = torch.load(weights["rflow-ct"]["trained_controlnet_path"], map_location="cpu", weights_only=True)["controlnet_state_dict"]

@@ -11,6 +11,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.utils import AdversarialKeys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
 
@@ -118,6 +119,10 @@ def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2
     assert {"autoencoder", "discriminator", "optimizer_g", "optimizer_d", "lr_scheduler_g", "lr_scheduler_d"} <= set(checkpoint)
     assert "val_psnr" in log and "perceptual_loss" in log
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"val_psnr", "val_ssim", "reconstruction_loss", "perceptual_loss", "kl_loss", "discriminator_loss"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"]  # reconstruction slices of the validation volume
     first_export = torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)
 
     with bundle_scripts(BUNDLE):  # resume in-process (the command line ran above)
