@@ -19,7 +19,6 @@ from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
 from demo.maisi_presets import (
     MAISI_TINY,
     MAISI_TINY_DIFFUSION_TRAINING,
-    MAISI_TINY_DIVISIBLE_K,
     read_scalars,
     simulated_embeddings,
 )
