@@ -145,6 +145,7 @@ def test_rflow_training_learns_exports_and_resumes_with_stored_scale_factor(work
         ({"modality": "mri_t1x"}, "mri_t1x"),
         ({"validation_fold": "0"}, "validation_fold='0' must be an integer fold number or null"),
         ({"finetune": True, "trained_diffusion_path": "missing.pt"}, "trained_diffusion_path='missing.pt' does not exist"),
+        ({"exported_diffusion_path": "$@trained_diffusion_path"}, "is trained_diffusion_path; choose another file"),
     ],
 )
 def test_bad_training_inputs_fail_before_training(workspace, tmp_path, overrides, message):

@@ -47,6 +47,7 @@ __all__ = [
     "TerminateOnNan",
     "augment_modality_labels",
     "check_diffusion_training_settings",
+    "check_export_path",
     "compute_scale_factor",
     "every_n_iterations",
     "load_pretrained_unet",
@@ -277,6 +278,20 @@ def load_pretrained_unet(
     load_network_weights(network, path, state_dict_key="unet_state_dict", map_location=device)
     logger.info("fine-tuning from %s", path)
     return str(path)
+
+
+def check_export_path(exported_diffusion_path: str | os.PathLike, trained_diffusion_path: str | os.PathLike | None) -> Path:
+    """
+    Refuse an ``exported_diffusion_path`` that is the ``trained_diffusion_path`` file (the downloaded weights
+    by default): training writes its own file and never overwrites the weights it may start from.
+    """
+    exported = Path(exported_diffusion_path).resolve()
+    if trained_diffusion_path is not None and exported == Path(trained_diffusion_path).resolve():
+        raise ValueError(
+            f"exported_diffusion_path={str(exported_diffusion_path)!r} is trained_diffusion_path; choose another file "
+            "(the default is runs/train_diffusion/diff_unet_3d_<version>.pt) so the source weights stay intact."
+        )
+    return exported
 
 
 def check_diffusion_training_settings(
