@@ -295,7 +295,8 @@ def test_bad_ids_refused_before_weights_load(workspace, tmp_path, extra, message
 
 def test_torchrun_two_processes(workspace, tmp_path):
     root, weights = workspace
-    overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, batch_size=1)
+    # the region-contrastive term runs the DDP-wrapped ControlNet twice per iteration
+    overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, batch_size=1, use_region_contrastive_loss=True)
     run_bundle(BUNDLE, [*CONFIGS, "multi_gpu_train_controlnet.json"], overrides, torchrun_procs=2)
     checkpoint = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2  # 4 pairs over 2 ranks, batch 1

@@ -163,6 +163,26 @@ def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
         torch.testing.assert_close(value, exported[key])
 
 
+def test_transforms_fixed_spacing_mr_and_channel_selection(tmp_path):
+    two_channels = np.stack([np.full(SHAPE, 10.0), np.linspace(0, 500, np.prod(SHAPE)).reshape(SHAPE)], axis=-1)
+    nib.save(nib.Nifti1Image(two_channels.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "mr.nii.gz"))
+    with bundle_scripts(BUNDLE) as scripts:
+        import scripts.vae_training as vae_training
+
+        train = vae_training.autoencoder_train_transforms("mri_t1", [16, 16, 16], False, "fixed", [4.0, 4.0, 4.0], select_channel=1)
+        val = vae_training.autoencoder_val_transforms("mri_t1", None, "fixed", [4.0, 4.0, 4.0], select_channel=1)
+        patch = train({"image": str(tmp_path / "mr.nii.gz")})["image"]
+        volume = val({"image": str(tmp_path / "mr.nii.gz")})
+        with pytest.raises(RuntimeError) as error:  # MONAI wraps errors raised inside transforms
+            vae_training.autoencoder_train_transforms("mri_t1", [16, 16, 16], False, "original", select_channel=2)({"image": str(tmp_path / "mr.nii.gz")})
+        warmup = [scripts.vae_training.lr_warmup_factor(epoch) for epoch in (0, 9, 10, 19, 20)]
+    assert "select_channel=2 is not allowed for an image with 2 channel(s)" in str(error.value.__cause__)
+    assert warmup == [0.01, 0.01, 0.1, 0.1, 1.0] and vae_training.lr_warmup_factor(0, enabled=False) == 1.0
+    assert patch.shape == (1, 16, 16, 16)  # 24 voxels at 2 mm -> 12 at 4 mm, zero padded to the patch
+    assert 0.9 < float(patch.max()) <= 1.01 and float(patch.min()) == 0.0  # MR: 99.5th percentile -> 1, then resampled
+    assert volume["image"].shape == (1, 12, 12, 12) and torch.equal(volume["image"], volume["label"])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
