@@ -198,6 +198,7 @@ def bench_controlnet(root: Path, args: argparse.Namespace, common: Mapping[str, 
         "resume": False,
         "max_epochs": 1,
         "scale_factor": 1.0,  # random full-size UNet: no checkpoint file to read the scale from
+        "trained_diffusion_path": None,
         "controlnet_init_path": None,
         "use_region_contrastive_loss": args.region_contrastive,
         "train#dataloader#sampler": {"_target_": "torch.utils.data.RandomSampler", "data_source": "@train#dataset", "replacement": True, "num_samples": iterations},

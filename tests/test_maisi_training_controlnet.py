@@ -280,14 +280,14 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
         ({"lr": -1.0}, "lr=-1.0"),
         ({"validation_fold": 1, "datalist_file": "missing.json"}, "datalist_file=missing.json"),
         ({"controlnet_init_path": "missing_controlnet.pt"}, "controlnet_init_path=missing_controlnet.pt"),
+        ({"trained_diffusion_path": "missing_unet.pt"}, "trained_diffusion_path=missing_unet.pt"),
     ],
 )
 def test_bad_ids_refused_before_weights_load(workspace, tmp_path, extra, message):
     root, weights = workspace
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    bad_weights = weights["rflow-ct"] if "controlnet_init_path" in extra else {**weights["rflow-ct"], "trained_diffusion_path": str(corrupt)}
-    overrides = _overrides(root, bad_weights, tmp_path, **extra)
+    overrides = _overrides(root, {**weights["rflow-ct"], "trained_diffusion_path": str(corrupt)}, tmp_path, **extra)
     with bundle_scripts(BUNDLE), pytest.raises(Exception) as error:
         _parser(CONFIGS, overrides).get_parsed_content("initialize")
     assert message in _messages(error.value)
