@@ -66,6 +66,8 @@ def check_controlnet_training_settings(
     region_contrastive_loss_delta: Any,
     amp: Any,
     device: torch.device | str,
+    trained_diffusion_path: Any = None,
+    controlnet_init_path: Any = None,
 ) -> None:
     """
     Refuse bad ControlNet-training ids before any data or weights are read.
@@ -74,6 +76,8 @@ def check_controlnet_training_settings(
     ------
     ValueError
         naming the first bad id, its value and what is allowed.
+    FileNotFoundError
+        ``trained_diffusion_path`` or (when given) ``controlnet_init_path`` does not exist.
     """
     check_positive_int("max_epochs", max_epochs)
     check_positive_number("lr", lr)
@@ -93,6 +97,13 @@ def check_controlnet_training_settings(
         {"region_contrastive_loss_weight": region_contrastive_loss_weight, "region_contrastive_loss_delta": region_contrastive_loss_delta}
     )
     check_amp(amp, device)
+    if trained_diffusion_path is not None and not os.path.isfile(trained_diffusion_path):
+        raise FileNotFoundError(f"trained_diffusion_path={trained_diffusion_path} does not exist; the ControlNet trains against this UNet.")
+    if controlnet_init_path is not None and not os.path.isfile(controlnet_init_path):
+        raise FileNotFoundError(
+            f"controlnet_init_path={controlnet_init_path} does not exist; download the published ControlNet or set "
+            "--controlnet_init_path None to start from the diffusion UNet's weights."
+        )
 
 
 def _check_label_geometry(label: torch.Tensor, image: torch.Tensor, where: Any) -> None:

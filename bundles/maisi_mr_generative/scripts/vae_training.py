@@ -97,6 +97,7 @@ def check_autoencoder_training_settings(
     weights: Mapping[str, Any],
     amp: Any,
     device: torch.device | str,
+    initial_autoencoder_path: Any = None,
 ) -> None:
     """
     Refuse bad autoencoder-training ids before any data or weights are read.
@@ -107,6 +108,8 @@ def check_autoencoder_training_settings(
     ------
     ValueError
         for the first bad id.
+    FileNotFoundError
+        ``initial_autoencoder_path`` (``trained_autoencoder_path`` when fine-tuning) does not exist.
     """
     check_positive_int("max_epochs", max_epochs)
     check_positive_number("lr", lr)
@@ -138,6 +141,11 @@ def check_autoencoder_training_settings(
         raise ValueError(f"select_channel={select_channel!r} is not allowed; it must be an integer >= 0.")
     check_non_negative(weights)
     check_amp(amp, device)
+    if initial_autoencoder_path is not None and not os.path.isfile(initial_autoencoder_path):
+        raise FileNotFoundError(
+            f"trained_autoencoder_path={initial_autoencoder_path} does not exist; download the published autoencoder "
+            "or set --finetune False to train from scratch."
+        )
 
 
 def reconstruction_loss(name: str) -> torch.nn.Module:
