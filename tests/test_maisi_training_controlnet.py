@@ -43,9 +43,9 @@ def one_thread(monkeypatch):
     torch.set_num_threads(previous)
 
 
-def _parser(config_files, overrides):
+def _parser(config_files, overrides, bundle=BUNDLE):
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in config_files])
+    parser.read_config([str(bundle / "configs" / name) for name in config_files])
     for key, value in overrides.items():
         parser[key] = value
     return parser
@@ -140,9 +140,9 @@ def _overrides(root, weights, output_dir, **extra):
     }
 
 
-def _train_in_process(config_files, overrides):
-    with bundle_scripts(BUNDLE) as scripts:
-        parser = _parser(config_files, overrides)
+def _train_in_process(config_files, overrides, bundle=BUNDLE):
+    with bundle_scripts(bundle) as scripts:
+        parser = _parser(config_files, overrides, bundle)
         parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content("train#trainer")
         terms: list[dict[str, float]] = []
@@ -203,6 +203,39 @@ def test_training_pair_transform(workspace, tmp_path):
     assert sample["spacing"].tolist() == pytest.approx(SPACING) and int(sample["modality"]) == 1
     assert sample["top_region_index"].tolist() == [0, 1, 0, 0]
     assert "does not match its latent" in _messages(error.value)
+
+
+def test_mr_bundle_trains_on_mr_label_ids(workspace, tmp_path):
+    """The shared config on the MR bundle: MR sidecars (modality 9) and a BraTS tumour id 401, trained as 129."""
+    root, _ = workspace
+    mr_bundle = BUNDLES_DIR / "maisi_mr_generative"
+    parser = _parser(["inference.json"], {"bundle_root": str(mr_bundle), **TINY}, mr_bundle)
+    torch.manual_seed(0)
+    unet_path = tmp_path / "mr_unet.pt"
+    torch.save({"unet_state_dict": _randomised(parser.get_parsed_content("diffusion_unet_def")).state_dict(), "scale_factor": 1.0}, unet_path)
+    with bundle_scripts(mr_bundle):
+        import scripts.embeddings as embeddings
+
+        entries = []
+        for index, fold in enumerate([1, 1, 0]):
+            mask, latent = _pair(np.random.default_rng(index))
+            mask = mask.astype(np.int16)
+            mask[mask == NEW_LABEL] = 401
+            nib.save(nib.Nifti1Image(mask, np.diag([*SPACING, 1.0])), str(tmp_path / f"mr{index}_label.nii.gz"))
+            embeddings.write_latent(tmp_path / f"mr{index}_emb.nii.gz", torch.from_numpy(latent), SPACING, embeddings.make_sidecar(IMAGE_SHAPE, SPACING, 9))
+            entries.append({"image": f"mr{index}_emb.nii.gz", "label": f"mr{index}_label.nii.gz", "fold": fold})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    overrides = {
+        **_overrides(root, {"trained_diffusion_path": str(unet_path)}, tmp_path / "run", max_epochs=2, controlnet_init_path=None),
+        "bundle_root": str(mr_bundle),
+        "datalist_file": str(tmp_path / "datalist.json"),
+    }
+    parser, trainer, terms = _train_in_process(["inference.json", "train_controlnet.json"], overrides, mr_bundle)
+    assert len(terms) == 2 and all(np.isfinite(t["loss"]) for t in terms)
+    assert set(torch.unique(trainer.state.output["label"]).tolist()) <= {0, 200, LUNG_TUMOR, LUNG_LOBE, NEW_LABEL}
+    assert NEW_LABEL in torch.unique(trainer.state.output["label"]).tolist()  # 401 arrived as 129
+    exported = torch.load(tmp_path / "run" / "controlnet.pt", map_location="cpu", weights_only=True)
+    assert set(exported["controlnet_state_dict"]) == set(parser.get_parsed_content("controlnet").state_dict())
 
 
 def test_region_contrastive_loss(workspace, tmp_path):

@@ -163,6 +163,32 @@ def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
         torch.testing.assert_close(value, exported[key])
 
 
+def test_mr_bundle_trains_on_mr_images(tmp_path):
+    """The shared config on the MR bundle (modality mri_t1: percentile intensity scaling, no HU clipping)."""
+    mr_bundle = BUNDLES_DIR / "maisi_mr_generative"
+    rng = np.random.default_rng(1)
+    entries = []
+    for index, fold in enumerate([1, 1, 0]):
+        volume = (_ct_volume(rng) + 1000.0) * 0.4  # arbitrary MR units: background 0, tissue 400, lesion 640
+        nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 1.0, 1.0])), str(tmp_path / f"mr{index}.nii.gz"))
+        entries.append({"image": f"mr{index}.nii.gz", "fold": fold})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    overrides = {**_overrides(tmp_path, tmp_path / "run", max_epochs=2, val_interval=2), "bundle_root": str(mr_bundle)}
+    with bundle_scripts(mr_bundle):
+        parser = ConfigParser()
+        parser.read_config([str(mr_bundle / "configs" / name) for name in CONFIGS])
+        for key, value in overrides.items():
+            parser[key] = value
+        assert parser.get_parsed_content("modality").startswith("mri")
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        trainer.run()
+        metrics = parser.get_parsed_content("validate#evaluator").state.metrics
+    assert trainer.state.iteration == 2 and np.isfinite(metrics["val_psnr"]) and 0 < metrics["val_ssim"] <= 1
+    assert float(trainer.state.output["image"].max()) > 0.9  # the 99.5th percentile maps to 1 (no HU window)
+    assert set(torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)) == set(parser.get_parsed_content("gnetwork").state_dict())
+
+
 def test_transforms_fixed_spacing_mr_and_channel_selection(tmp_path):
     two_channels = np.stack([np.full(SHAPE, 10.0), np.linspace(0, 500, np.prod(SHAPE)).reshape(SHAPE)], axis=-1)
     nib.save(nib.Nifti1Image(two_channels.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "mr.nii.gz"))
