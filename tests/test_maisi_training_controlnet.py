@@ -288,11 +288,13 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
         **weights["rflow-ct"],
         "trained_controlnet_path": tuned_path,
     }
-    with bundle_scripts(BUNDLE):
-        networks = _parser(["inference.json"], generation).get_parsed_content("networks")
+    with bundle_scripts(BUNDLE):  # the generation config run in-process, as `monai.bundle run` runs it
+        parser = _parser(["inference.json"], generation)
+        for section in ("initialize", "run", "finalize"):
+            parser.get_parsed_content(section)
+        networks = parser.get_parsed_content("networks")
     for key, value in networks.controlnet.state_dict().items():
         torch.testing.assert_close(value, exported["controlnet_state_dict"][key])
-    run_bundle(BUNDLE, ["inference.json"], generation)
     report = json.loads((tmp_path / "generated" / "generation_report.json").read_text())
     assert report["settings"]["trained_controlnet_path"] == tuned_path
     sample = report["samples"][0]
