@@ -316,12 +316,14 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
         ({"validation_fold": 1, "datalist_file": "missing.json"}, "datalist_file=missing.json"),
         ({"controlnet_init_path": "missing_controlnet.pt"}, "controlnet_init_path=missing_controlnet.pt"),
         ({"trained_diffusion_path": "missing_unet.pt"}, "trained_diffusion_path=missing_unet.pt"),
+        ({"exported_controlnet_path": "PUBLISHED"}, "it is trained_controlnet_path"),
     ],
 )
 def test_bad_ids_refused_before_weights_load(workspace, tmp_path, extra, message):
     root, weights = workspace
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
+    extra = {key: weights["rflow-ct"]["trained_controlnet_path"] if value == "PUBLISHED" else value for key, value in extra.items()}
     overrides = _overrides(root, {**weights["rflow-ct"], "trained_diffusion_path": str(corrupt)}, tmp_path, **extra)
     with bundle_scripts(BUNDLE), pytest.raises(Exception) as error:
         _parser(CONFIGS, overrides).get_parsed_content("initialize")

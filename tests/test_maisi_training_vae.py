@@ -220,11 +220,13 @@ def test_transforms_fixed_spacing_mr_and_channel_selection(tmp_path):
         ({"perceptual_weight": 0.3}, "perceptual_loss_model_weights_path"),
         ({"validation_fold": 7}, "no validation entries"),
         ({"trained_autoencoder_path": "missing_autoencoder.pt"}, "trained_autoencoder_path=missing_autoencoder.pt"),
+        ({"exported_autoencoder_path": "CORRUPT"}, "it is trained_autoencoder_path"),
     ],
 )
 def test_bad_ids_refused_before_weights_load(dataset, tmp_path, extra, message):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
+    extra = {key: str(corrupt) if value == "CORRUPT" else value for key, value in extra.items()}
     overrides = _overrides(dataset, tmp_path, finetune=True, **{"trained_autoencoder_path": str(corrupt), **extra})
     with bundle_scripts(BUNDLE), pytest.raises(Exception) as error:
         _parser(overrides).get_parsed_content("initialize")

@@ -30,6 +30,7 @@ import torch
 __all__ = [
     "SECTIONS",
     "check_amp",
+    "check_export_path",
     "check_non_negative",
     "check_positive_int",
     "check_positive_number",
@@ -64,6 +65,29 @@ def check_amp(amp: Any, device: torch.device | str) -> None:
         raise ValueError(f"amp={amp!r} is not allowed; it must be true or false.")
     if amp and torch.device(device).type != "cuda":
         raise ValueError(f"amp=True is not allowed on device {device}; mixed precision needs CUDA (set --amp False).")
+
+
+def check_export_path(name: str, path: Any, protected: Mapping[str, Any]) -> None:
+    """
+    Refuse an export path that would overwrite a weight file the run reads (e.g. the downloaded weights).
+
+    Parameters
+    ----------
+    name
+        the export id, e.g. ``exported_autoencoder_path``.
+    path
+        its value.
+    protected
+        ``{id: path}`` of the files that must not be overwritten (``None`` entries are skipped).
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{name}={path!r} is not allowed; it must be a file path.")
+    for other, other_path in protected.items():
+        if other_path is not None and Path(path).resolve() == Path(other_path).resolve():
+            raise ValueError(
+                f"{name}={path} is not allowed: it is {other}, which training reads. Export to a new file "
+                "(the default is under runs/) and point generation at it."
+            )
 
 
 def _resolve(path: Any, base: Path, key: str, index: int, datalist_file: Path) -> str:
