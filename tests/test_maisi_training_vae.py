@@ -244,3 +244,22 @@ def test_torchrun_two_processes(dataset, tmp_path):
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2  # 4 images over 2 ranks, batch 1
     assert (tmp_path / "autoencoder.pt").is_file() and "val_psnr" in log
     assert checkpoint["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(0.004)  # lr x world size
+
+
+def test_mr_artifact_augmentations_only_for_mr_with_random_aug():
+    with bundle_scripts(BUNDLE):
+        import scripts.vae_training as vae_training
+
+        def names(modality, random_aug):
+            transforms = vae_training.autoencoder_train_transforms(modality, [16, 16, 16], random_aug, "original").transforms
+            return [type(t).__name__ for t in transforms]
+
+        mr, ct, mr_plain = names("mri_t1", True), names("ct", True), names("mri_t1", False)
+        published = {t.__class__.__name__: t for t in vae_training.mr_artifact_augmentations()}
+    artifacts = ["RandBiasFieldd", "RandGibbsNoised", "RandHistogramShiftd"]
+    assert all(name in mr for name in artifacts)
+    assert not any(name in ct or name in mr_plain for name in artifacts)
+    assert mr.count("RandAdjustContrastd") == 2 and ct.count("RandAdjustContrastd") == 1
+    assert published["RandAdjustContrastd"].adjuster.gamma == (0.5, 2.0)
+    probabilities = {name: transform.prob for name, transform in published.items()}
+    assert probabilities == {"RandBiasFieldd": 0.3, "RandGibbsNoised": 0.3, "RandAdjustContrastd": 0.3, "RandHistogramShiftd": 0.05}

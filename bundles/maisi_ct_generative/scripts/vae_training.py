@@ -34,8 +34,11 @@ from monai.transforms import (
     LoadImaged,
     Orientationd,
     RandAdjustContrastd,
+    RandBiasFieldd,
     RandFlipd,
     RandGaussianNoised,
+    RandGibbsNoised,
+    RandHistogramShiftd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
@@ -44,7 +47,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from .intensity import intensity_transforms
+from .intensity import intensity_transforms, modality_family
 from .training_data import check_amp, check_non_negative, check_positive_int, check_positive_number
 
 __all__ = [
@@ -200,6 +203,24 @@ def _resampling(spacing_type: str, resample_spacing: Sequence[float] | None) -> 
     return []
 
 
+def mr_artifact_augmentations() -> list:
+    """
+    The published MR-only augmentations of autoencoder training: bias field, Gibbs ringing, gamma, histogram shift.
+
+    Returns
+    -------
+    list
+        ``RandBiasFieldd`` (p 0.3), ``RandGibbsNoised`` (p 0.3), ``RandAdjustContrastd`` (gamma 0.5-2, p 0.3)
+        and ``RandHistogramShiftd`` (p 0.05) on the key ``"image"``.
+    """
+    return [
+        RandBiasFieldd(keys="image", prob=0.3),
+        RandGibbsNoised(keys="image", prob=0.3),
+        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.5, 2.0)),
+        RandHistogramShiftd(keys="image", prob=0.05),
+    ]
+
+
 def autoencoder_train_transforms(
     modality: Any,
     patch_size: Sequence[int],
@@ -219,7 +240,8 @@ def autoencoder_train_transforms(
     patch_size
         training patch size (config id ``patch_size``); smaller images are zero padded.
     random_aug
-        add random zoom (``spacing_type='rand_zoom'``), a left-right flip and intensity augmentations.
+        add random zoom (``spacing_type='rand_zoom'``), a left-right flip and intensity augmentations, and for
+        MR also ``mr_artifact_augmentations``.
     spacing_type
         ``"original"`` (no resampling), ``"fixed"`` (resample to ``resample_spacing``) or ``"rand_zoom"``
         (random zoom by 0.5-1.5, needs ``random_aug``).
@@ -251,6 +273,8 @@ def autoencoder_train_transforms(
             RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)),
             RandGaussianNoised(keys="image", prob=0.1, std=0.01),
         ]
+        if modality_family(modality, modality_mapping) == "mr":
+            transforms += mr_artifact_augmentations()
     transforms.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
     return Compose(transforms)
 

@@ -102,7 +102,7 @@ def check_controlnet_training_settings(
     if controlnet_init_path is not None and not os.path.isfile(controlnet_init_path):
         raise FileNotFoundError(
             f"controlnet_init_path={controlnet_init_path} does not exist; download the published ControlNet or set "
-            "--controlnet_init_path None to start from the diffusion UNet's weights."
+            "--controlnet_init_path '$None' to start from the diffusion UNet's weights."
         )
 
 
@@ -204,7 +204,7 @@ def init_controlnet(
     if not os.path.isfile(controlnet_init_path):
         raise FileNotFoundError(
             f"controlnet_init_path={controlnet_init_path} does not exist; download the published ControlNet or set "
-            "--controlnet_init_path None to start from the diffusion UNet's weights."
+            "--controlnet_init_path '$None' to start from the diffusion UNet's weights."
         )
     load_network_weights(controlnet, controlnet_init_path, state_dict_key="controlnet_state_dict", map_location=device)
     return str(controlnet_init_path)
