@@ -43,6 +43,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from .checkpoint import atomic_write
+from .training_data import load_datalist, select_folds  # the one datalist reader, re-exported for the configs
 
 logger = logging.getLogger(__name__)
 
@@ -335,74 +336,6 @@ class LoadLatentd(MapTransform):
 # ---------------------------------------------------------------------------------------------------
 # datalists
 # ---------------------------------------------------------------------------------------------------
-
-
-def load_datalist(datalist_path: str | os.PathLike, section: str = "training", base_dir: str | os.PathLike | None = None) -> list[dict]:
-    """
-    Read ``section`` of a datalist JSON and make its ``image``/``label`` paths absolute.
-
-    Relative paths are resolved against ``base_dir`` or, when it is ``None``, the datalist's own folder.
-
-    Raises
-    ------
-    ValueError
-        the file is missing or not JSON, the section is missing or empty, an item has no ``image``, a
-        ``fold`` is not an integer >= 0, or a referenced file does not exist (the message names it).
-    """
-    path = Path(datalist_path)
-    if not path.is_file():
-        raise ValueError(f"datalist '{path}' does not exist; build one with `python -m scripts.data_prep datalist`.")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"datalist '{path}' cannot be read as JSON: {error}") from error
-    items = content.get(section) if isinstance(content, dict) else None
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"datalist '{path}' has no non-empty '{section}' list.")
-    base = Path(base_dir) if base_dir is not None else path.parent
-    resolved = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict) or "image" not in item:
-            raise ValueError(f"datalist '{path}': {section}[{index}] must be an object with an 'image' path, got {item!r}.")
-        entry = dict(item)
-        for key in ("image", "label"):
-            if entry.get(key) is not None:
-                file = Path(entry[key]) if Path(entry[key]).is_absolute() else base / entry[key]
-                if not file.is_file():
-                    raise ValueError(f"datalist '{path}': {section}[{index}] {key} file '{file}' does not exist.")
-                entry[key] = str(file)
-        fold = entry.get("fold", 0)
-        if isinstance(fold, bool) or not isinstance(fold, Integral) or fold < 0:
-            raise ValueError(f"datalist '{path}': {section}[{index}] fold={fold!r} must be an integer >= 0.")
-        entry["fold"] = int(fold)
-        resolved.append(entry)
-    return resolved
-
-
-def select_folds(items: Sequence[Mapping[str, Any]], validation_fold: int | None, training: bool = True) -> list[dict]:
-    """
-    The training items (``fold != validation_fold``) or the validation items (``fold == validation_fold``).
-
-    ``validation_fold=None`` keeps every item for training and none for validation.
-
-    Raises
-    ------
-    ValueError
-        the selection is empty (names ``validation_fold`` and the folds present).
-    """
-    if validation_fold is not None and (isinstance(validation_fold, bool) or not isinstance(validation_fold, Integral)):
-        raise ValueError(f"validation_fold={validation_fold!r} must be an integer fold number or null.")
-    if validation_fold is None:
-        selected = [dict(item) for item in items] if training else []
-    else:
-        selected = [dict(item) for item in items if (item.get("fold", 0) != validation_fold) == training]
-    if training and not selected:
-        folds = sorted({item.get("fold", 0) for item in items})
-        raise ValueError(
-            f"validation_fold={validation_fold} leaves no training items (folds present: {folds}); "
-            "choose another fold or null to train on every item."
-        )
-    return selected
 
 
 def check_latent_shapes(items: Sequence[Mapping[str, Any]], batch_size: int, key: str = "image") -> None:

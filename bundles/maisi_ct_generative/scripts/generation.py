@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +58,40 @@ ATTEMPT_SEED_STRIDE = 100_003  # seed of attempt a of sample i: random_seed + i 
 def sample_seed(random_seed: int, index: int, attempt: int = 0) -> int:
     """Seed of sample ``index`` at quality-check ``attempt``: independent of how many samples are generated."""
     return random_seed + index + attempt * ATTEMPT_SEED_STRIDE
+
+
+def latent_shape_of(output_size: Sequence[int]) -> tuple[int, ...]:
+    """
+    The ``(C, X, Y, Z)`` latent shape of an image of ``output_size`` voxels.
+
+    Parameters
+    ----------
+    output_size
+        the image size ``(X, Y, Z)``; each axis is a multiple of ``LATENT_DOWNSAMPLE``.
+
+    Returns
+    -------
+    tuple[int, ...]
+        ``(LATENT_CHANNELS, X // 4, Y // 4, Z // 4)``.
+    """
+    return (LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in output_size))
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """
+    Add the wall-clock seconds of the ``with`` block to ``timings[phase]``.
+
+    Parameters
+    ----------
+    timings
+        the run's phase timings, updated in place.
+    phase
+        the key, e.g. ``"diffusion_s"``.
+    """
+    start = time.perf_counter()
+    yield
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 class MaskSource(Protocol):
@@ -175,6 +210,173 @@ def build_conditions(mask: torch.Tensor, inputs: CTGenerationInputs, device: tor
     ).to(device, dtype)
 
 
+def sample_and_decode(
+    inputs: CTGenerationInputs | MRGenerationInputs,
+    networks: Networks,
+    scheduler: Scheduler,
+    conditions: Callable[[torch.dtype], SamplingConditions],
+    controlnet: torch.nn.Module | None,
+    seed: int,
+    device: torch.device,
+    decode_plan: DecodePlan,
+    timings: dict[str, float],
+    progress: bool = True,
+) -> np.ndarray:
+    """
+    Denoise the seeded latent noise of one sample and decode it; accumulates phase timings.
+
+    Parameters
+    ----------
+    inputs
+        the checked run inputs (``output_size``, ``num_inference_steps``, ``cfg_guidance_scale``).
+    networks
+        the loaded networks; ``networks.autoencoder`` decodes.
+    scheduler
+        the noise scheduler.
+    conditions
+        builds the sample's conditioning tensors for the sampling dtype (timed as diffusion).
+    controlnet
+        the ControlNet conditioning the UNet, or ``None``.
+    seed
+        the sample seed (noise and sampler generator).
+    device
+        where the networks run; fp16 autocast only on CUDA.
+    decode_plan
+        how the latent is decoded (:func:`decode.plan_decode`).
+    timings
+        ``diffusion_s`` and ``decode_s`` are added to it.
+    progress
+        show progress bars.
+
+    Returns
+    -------
+    np.ndarray
+        the decoded ``(X, Y, Z)`` float32 image in the autoencoder's intensity range.
+    """
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    latent_shape = (1, *latent_shape_of(inputs.output_size))
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+    with timed(timings, "diffusion_s"):
+        sample_conditions = conditions(dtype)
+        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            latent = sample_latent(
+                networks.diffusion_unet,
+                scheduler,
+                noise,
+                sample_conditions,
+                inputs.num_inference_steps,
+                controlnet=controlnet,
+                guidance_scale=inputs.cfg_guidance_scale,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                progress=progress,
+            )
+    with timed(timings, "decode_s"):
+        decoded = decode_latent(LatentDecoder(networks.autoencoder, networks.scale_factor), latent, decode_plan, progress=progress)
+    return decoded[0, 0].float().cpu().numpy()
+
+
+@dataclass
+class GenerationRun:
+    """
+    What every sample of a generation run shares: device, output folder, decode plan and phase timings.
+
+    Attributes
+    ----------
+    device
+        where the networks run.
+    output_dir
+        the (created) output folder.
+    decode_plan
+        the decode plan of the run's latent shape.
+    timings
+        accumulated phase seconds (``mask_s``, ``diffusion_s``, ``decode_s``).
+    """
+
+    device: torch.device
+    output_dir: Path
+    decode_plan: DecodePlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def finish(self, settings: Mapping[str, Any] | None, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        Write ``<output_dir>/generation_report.json`` and return the run report.
+
+        Parameters
+        ----------
+        settings
+            the user-facing run settings; the decode plan is added.
+        samples
+            one entry per written sample.
+
+        Returns
+        -------
+        dict[str, Any]
+            ``{"settings", "samples", "timings"}``.
+        """
+        run_settings = {**dict(settings or {}), "decode_plan": self.decode_plan.describe()}
+        write_run_report(self.output_dir / "generation_report.json", run_settings, samples, self.timings)
+        return {"settings": run_settings, "samples": samples, "timings": self.timings}
+
+
+def start_generation_run(
+    inputs: CTGenerationInputs | MRGenerationInputs,
+    output_dir: str | os.PathLike,
+    device: torch.device | str,
+    memory_budget_gb: float | None = None,
+) -> GenerationRun:
+    """
+    Create the output folder and plan the decode of the run's latent shape (logged).
+
+    Parameters
+    ----------
+    inputs
+        the checked run inputs (``output_size`` and the ``autoencoder_*`` decode settings).
+    output_dir
+        where samples and the report go; created if missing.
+    device
+        where the networks run.
+    memory_budget_gb
+        the decode memory budget, ``None`` for the device's free memory.
+
+    Returns
+    -------
+    GenerationRun
+        the shared state of the run, with empty timings.
+    """
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    decode_plan = plan_decode(
+        latent_shape_of(inputs.output_size),
+        device,
+        roi_size=inputs.autoencoder_sliding_window_infer_size,
+        overlap=inputs.autoencoder_sliding_window_infer_overlap,
+        num_splits=inputs.autoencoder_tp_num_splits,
+        memory_budget_gb=memory_budget_gb,
+    )
+    logger.info("%s", decode_plan.describe())
+    return GenerationRun(device=device, output_dir=output_dir, decode_plan=decode_plan)
+
+
+def write_label_volume(labels: np.ndarray, path: Path, spacing: Sequence[float], config_id: str = "output_ext") -> None:
+    """
+    Write a label map in the smallest integer dtype that holds its largest id.
+
+    Parameters
+    ----------
+    labels
+        the ``(X, Y, Z)`` label ids.
+    path
+        the output file (its extension picks the writer).
+    spacing
+        voxel spacing in mm, written into the affine.
+    config_id
+        the config id named when the extension is not writable.
+    """
+    label_dtype = label_output_dtype(int(labels.max()))
+    write_volume(labels.astype(label_dtype), path, spacing, label_dtype, config_id=config_id)
+
+
 def generate_ct_image(
     mask: torch.Tensor,
     inputs: CTGenerationInputs,
@@ -187,28 +389,19 @@ def generate_ct_image(
     progress: bool = True,
 ) -> np.ndarray:
     """Generate the CT (HU, int16, background -1000) for ``mask``; accumulates phase timings."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    latent_shape = (1, LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
-    start = time.perf_counter()
-    conditions = build_conditions(mask, inputs, device, dtype)
-    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-        latent = sample_latent(
-            networks.diffusion_unet,
-            scheduler,
-            noise,
-            conditions,
-            inputs.num_inference_steps,
-            controlnet=networks.controlnet,
-            guidance_scale=inputs.cfg_guidance_scale,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            progress=progress,
-        )
-    timings["diffusion_s"] = timings.get("diffusion_s", 0.0) + time.perf_counter() - start
-    start = time.perf_counter()
-    decoded = decode_latent(LatentDecoder(networks.autoencoder, networks.scale_factor), latent, decode_plan, progress=progress)
-    timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - start
-    image = to_ct_hu(decoded[0, 0].float().cpu().numpy())
+    decoded = sample_and_decode(
+        inputs,
+        networks,
+        scheduler,
+        lambda dtype: build_conditions(mask, inputs, device, dtype),
+        networks.controlnet,
+        seed,
+        device,
+        decode_plan,
+        timings,
+        progress,
+    )
+    image = to_ct_hu(decoded)
     return np.asarray(finalize_ct(image, np.asarray(mask).reshape(image.shape)))
 
 
@@ -241,44 +434,24 @@ def generate_ct_pairs(
     dict[str, Any]
         The run report (also written to ``<output_dir>/generation_report.json``).
     """
-    device = torch.device(device)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    latent_shape = (LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
-    decode_plan = plan_decode(
-        latent_shape,
-        device,
-        roi_size=inputs.autoencoder_sliding_window_infer_size,
-        overlap=inputs.autoencoder_sliding_window_infer_overlap,
-        num_splits=inputs.autoencoder_tp_num_splits,
-        memory_budget_gb=memory_budget_gb,
-    )
-    logger.info("%s", decode_plan.describe())
-    timings: dict[str, float] = {}
+    run = start_generation_run(inputs, output_dir, device, memory_budget_gb)
     samples = []
     for index in range(num_output_samples):
         sources: dict[int, str] = {}
 
         def attempt(number: int, index: int = index, sources: dict[int, str] = sources) -> tuple[np.ndarray, np.ndarray]:
             seed = sample_seed(random_seed, index, number)
-            start = time.perf_counter()
-            mask, sources[number] = mask_source.mask_for(index, seed)
-            timings["mask_s"] = timings.get("mask_s", 0.0) + time.perf_counter() - start
-            image = generate_ct_image(mask, inputs, networks, scheduler, seed, device, decode_plan, timings, progress)
+            with timed(run.timings, "mask_s"):
+                mask, sources[number] = mask_source.mask_for(index, seed)
+            image = generate_ct_image(mask, inputs, networks, scheduler, seed, run.device, run.decode_plan, run.timings, progress)
             return image, np.asarray(mask).reshape(image.shape)
 
         image, labels, report, attempts = generate_with_quality_check(
             attempt, quality_check_max_attempts, lambda image, labels: check_ct_quality(image, labels, ct_statistics)
         )
         seed = sample_seed(random_seed, index, attempts - 1)
-        samples.append(_write_sample(output_dir, index, seed, image, labels, inputs, report, sources[attempts - 1]))
-    run_report = {
-        "settings": {**dict(settings or {}), "decode_plan": decode_plan.describe()},
-        "samples": samples,
-        "timings": timings,
-    }
-    write_run_report(output_dir / "generation_report.json", run_report["settings"], samples, timings)
-    return run_report
+        samples.append(_write_sample(run.output_dir, index, seed, image, labels, inputs, report, sources[attempts - 1]))
+    return run.finish(settings, samples)
 
 
 def _write_sample(
@@ -293,8 +466,7 @@ def _write_sample(
 ) -> dict[str, Any]:
     names = sample_filenames(output_dir, index, seed, inputs.image_output_ext, inputs.label_output_ext)
     write_volume(image, names["image"], inputs.spacing, np.int16)
-    label_dtype = label_output_dtype(int(labels.max()))
-    write_volume(labels.astype(label_dtype), names["label"], inputs.spacing, label_dtype)
+    write_label_volume(labels, names["label"], inputs.spacing)
     preview_png(image, labels, names["preview"], spacing=inputs.spacing)
     if not report.passed:
         logger.warning("sample %d failed the quality check after %d attempt(s): %s", index, report.attempts, report.summary())
@@ -359,6 +531,37 @@ def needed_files(inputs: CTGenerationInputs, mask_path: str | None, files: Mappi
     return needed
 
 
+def load_diffusion_unet(diffusion_unet: torch.nn.Module, trained_diffusion_path: str | os.PathLike, device: torch.device | str) -> float:
+    """
+    Load the diffusion UNet weights strictly from ``{"unet_state_dict", "scale_factor", ...}``.
+
+    Parameters
+    ----------
+    diffusion_unet
+        the UNet, loaded in place.
+    trained_diffusion_path
+        the checkpoint file (config id ``trained_diffusion_path``).
+    device
+        the ``map_location`` of the load.
+
+    Returns
+    -------
+    float
+        the latent scale factor stored with the weights.
+
+    Raises
+    ------
+    KeyError
+        the file has no ``scale_factor`` entry.
+    """
+    from .checkpoint import load_network_weights
+
+    extras = load_network_weights(diffusion_unet, trained_diffusion_path, state_dict_key="unet_state_dict", map_location=device)
+    if "scale_factor" not in extras:
+        raise KeyError(f"trained_diffusion_path={trained_diffusion_path} has no 'scale_factor' entry.")
+    return float(extras["scale_factor"])
+
+
 def load_pair_networks(
     autoencoder: torch.nn.Module,
     diffusion_unet: torch.nn.Module,
@@ -377,15 +580,13 @@ def load_pair_networks(
     from .checkpoint import load_network_weights
 
     load_network_weights(autoencoder, trained_autoencoder_path, map_location=device)
-    extras = load_network_weights(diffusion_unet, trained_diffusion_path, state_dict_key="unet_state_dict", map_location=device)
-    if "scale_factor" not in extras:
-        raise KeyError(f"trained_diffusion_path={trained_diffusion_path} has no 'scale_factor' entry.")
+    scale_factor = load_diffusion_unet(diffusion_unet, trained_diffusion_path, device)
     load_network_weights(controlnet, trained_controlnet_path, state_dict_key="controlnet_state_dict", map_location=device)
     return Networks(
         autoencoder=autoencoder.to(device).eval(),
         diffusion_unet=diffusion_unet.to(device).eval(),
         controlnet=controlnet.to(device).eval(),
-        scale_factor=float(extras["scale_factor"]),
+        scale_factor=scale_factor,
     )
 
 
@@ -573,9 +774,7 @@ def load_mr_networks(
     from .checkpoint import load_network_weights
 
     load_network_weights(autoencoder, trained_autoencoder_path, state_dict_key="unet_state_dict", map_location=device)
-    extras = load_network_weights(diffusion_unet, trained_diffusion_path, state_dict_key="unet_state_dict", map_location=device)
-    if "scale_factor" not in extras:
-        raise KeyError(f"trained_diffusion_path={trained_diffusion_path} has no 'scale_factor' entry.")
+    scale_factor = load_diffusion_unet(diffusion_unet, trained_diffusion_path, device)
     loaded_controlnet = None
     if use_controlnet:
         if trained_controlnet_path is None:
@@ -586,7 +785,7 @@ def load_mr_networks(
         autoencoder=autoencoder.to(device).eval(),
         diffusion_unet=diffusion_unet.to(device).eval(),
         controlnet=loaded_controlnet,
-        scale_factor=float(extras["scale_factor"]),
+        scale_factor=scale_factor,
     )
 
 
@@ -628,28 +827,19 @@ def generate_mr_image(
     """
     if mask is not None and networks.controlnet is None:
         raise ValueError("a mask was given but no ControlNet is loaded (load_mr_networks(use_controlnet=True)).")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    latent_shape = (1, LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
-    start = time.perf_counter()
-    conditions = build_mr_conditions(inputs, mask, device, dtype)
-    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-        latent = sample_latent(
-            networks.diffusion_unet,
-            scheduler,
-            noise,
-            conditions,
-            inputs.num_inference_steps,
-            controlnet=None if mask is None else networks.controlnet,
-            guidance_scale=inputs.cfg_guidance_scale,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            progress=progress,
-        )
-    timings["diffusion_s"] = timings.get("diffusion_s", 0.0) + time.perf_counter() - start
-    start = time.perf_counter()
-    decoded = decode_latent(LatentDecoder(networks.autoencoder, networks.scale_factor), latent, decode_plan, progress=progress)
-    timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - start
-    image = to_mr_intensity(decoded[0, 0].float().cpu().numpy())
+    decoded = sample_and_decode(
+        inputs,
+        networks,
+        scheduler,
+        lambda dtype: build_mr_conditions(inputs, mask, device, dtype),
+        None if mask is None else networks.controlnet,
+        seed,
+        device,
+        decode_plan,
+        timings,
+        progress,
+    )
+    image = to_mr_intensity(decoded)
     if mask is not None and zero_outside_mask:
         return np.asarray(finalize_mr(image, mask.labels.reshape(image.shape).numpy()))
     return np.round(image).astype(np.int16)  # to_mr_intensity already clipped to [0, int16 max]
@@ -680,26 +870,15 @@ def generate_mr_images(
     dict[str, Any]
         The run report.
     """
-    device = torch.device(device)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    latent_shape = (LATENT_CHANNELS, *(s // LATENT_DOWNSAMPLE for s in inputs.output_size))
-    decode_plan = plan_decode(
-        latent_shape,
-        device,
-        roi_size=inputs.autoencoder_sliding_window_infer_size,
-        overlap=inputs.autoencoder_sliding_window_infer_overlap,
-        num_splits=inputs.autoencoder_tp_num_splits,
-        memory_budget_gb=memory_budget_gb,
-    )
-    logger.info("%s", decode_plan.describe())
-    timings: dict[str, float] = {}
+    run = start_generation_run(inputs, output_dir, device, memory_budget_gb)
     samples = []
     labels = None if mask is None else mask.labels.reshape(inputs.output_size).numpy()
     for index in range(num_output_samples):
         seed = sample_seed(random_seed, index)
-        image = generate_mr_image(inputs, networks, scheduler, seed, device, decode_plan, timings, mask, zero_outside_mask, progress)
-        names = sample_filenames(output_dir, index, seed, inputs.image_output_ext, inputs.image_output_ext)
+        image = generate_mr_image(
+            inputs, networks, scheduler, seed, run.device, run.decode_plan, run.timings, mask, zero_outside_mask, progress
+        )
+        names = sample_filenames(run.output_dir, index, seed, inputs.image_output_ext, inputs.image_output_ext)
         write_volume(image, names["image"], inputs.spacing, np.int16, config_id="image_output_ext")
         sample: dict[str, Any] = {
             "index": index,
@@ -710,11 +889,8 @@ def generate_mr_images(
             "intensity_percentile_99_5": float(np.percentile(image, MR_REFERENCE_PERCENTILE)),
         }
         if labels is not None:
-            label_dtype = label_output_dtype(int(labels.max()))
-            write_volume(labels.astype(label_dtype), names["label"], inputs.spacing, label_dtype, config_id="image_output_ext")
+            write_label_volume(labels, names["label"], inputs.spacing, config_id="image_output_ext")
             sample["label"] = str(names["label"])
         preview_png(image, labels, names["preview"], window=None, spacing=inputs.spacing)
         samples.append(sample)
-    run_settings = {**dict(settings or {}), "decode_plan": decode_plan.describe()}
-    write_run_report(output_dir / "generation_report.json", run_settings, samples, timings)
-    return {"settings": run_settings, "samples": samples, "timings": timings}
+    return run.finish(settings, samples)

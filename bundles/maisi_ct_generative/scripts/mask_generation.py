@@ -56,6 +56,7 @@ from .constants import BACKGROUND_LABEL, BODY_LABEL, CONTROLLABLE_ANATOMIES, TUM
 from .decode import DEFAULT_DIM_SPLIT, DEFAULT_OVERLAP, LatentDecoder, decode_latent, get_autoencoder_splits, plan_decode
 from .labels import (
     body_region_indices_from_mask,
+    label_id_of,
     load_channel_table,
     load_json,
     load_label_dict,
@@ -354,7 +355,7 @@ def requested_label_sizes(controllable_anatomy_size: Any, label_dict: Mapping[st
         ``{label_id: size}`` in the order given.
     """
     label_dict = load_label_dict() if label_dict is None else label_dict
-    return {_label_id(name, label_dict): size for name, size in _checked_pairs(controllable_anatomy_size)}
+    return {label_id_of(name, label_dict): size for name, size in _checked_pairs(controllable_anatomy_size)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -569,14 +570,6 @@ def decode_mask(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _label_id(name: str, label_dict: Mapping[str, int]) -> int:
-    if name in TUMOR_LABELS:
-        return TUMOR_LABELS[name]
-    if name not in label_dict:
-        raise ValueError(f"label '{name}' is missing from the label dictionary.")
-    return int(label_dict[name])
-
-
 def single_component_label_ids(label_dict: Mapping[str, int], include_vertebrae: bool = True) -> list[int]:
     """
     Ids of the anatomies that must be one connected structure.
@@ -660,7 +653,7 @@ def hepatic_vessel_to_liver(labels: np.ndarray, label_dict: Mapping[str, int]) -
         The new label map.
     """
     out = labels.copy()
-    out[labels == _label_id("hepatic vessel", label_dict)] = _label_id("liver", label_dict)
+    out[labels == label_id_of("hepatic vessel", label_dict)] = label_id_of("liver", label_dict)
     return out
 
 
@@ -921,10 +914,10 @@ def postprocess_generated_mask(
     sizes = {int(k): float(v) for k, v in requested.items()}
     kept_tumors = sorted(t for t, s in sizes.items() if t in _TUMOR_IDS and s != REMOVE_SIZE)
     removed = sorted(o for o, s in sizes.items() if o not in _TUMOR_IDS and s == REMOVE_SIZE)
-    multifocal = {_label_id(n, label_dict) for n in MULTIFOCAL_TUMORS}
+    multifocal = {label_id_of(n, label_dict) for n in MULTIFOCAL_TUMORS}
 
     volume = keep_body(hepatic_vessel_to_liver(volume, label_dict))
-    airway = volume == _label_id("airway", label_dict) if "airway" in label_dict else np.zeros(volume.shape, bool)
+    airway = volume == label_id_of("airway", label_dict) if "airway" in label_dict else np.zeros(volume.shape, bool)
     volume = replace_unrequested_tumors(volume, kept_tumors, label_dict)
     for tumor in kept_tumors:
         volume = fill_tumor(volume, tumor)
@@ -938,7 +931,7 @@ def postprocess_generated_mask(
     volume = connect_bowel(volume, label_dict)
     volume = close_organs(volume, single)
     if airway.any():
-        volume[airway] = _label_id("airway", label_dict)
+        volume[airway] = label_id_of("airway", label_dict)
     volume[tumor_voxels] = tumor_values
     out, *_ = convert_to_dst_type(volume.reshape(tuple(labels.shape)), labels, dtype=labels.dtype)
     return out

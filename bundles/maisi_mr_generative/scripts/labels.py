@@ -56,6 +56,7 @@ __all__ = [
     "channel_to_label_table",
     "default_data_path",
     "filter_label_map",
+    "label_id_of",
     "label_output_dtype",
     "load_channel_table",
     "load_json",
@@ -541,12 +542,32 @@ def spacing_condition(spacing: Sequence[float] | NdarrayOrTensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------------
 
 
-def _label_id(name: str, label_dict: Mapping[str, int]) -> int:
+def label_id_of(name: str, label_dict: Mapping[str, int]) -> int:
+    """
+    The label id of an anatomy or lesion name.
+
+    Parameters
+    ----------
+    name
+        the anatomy name, e.g. ``"liver"`` or ``"hepatic tumor"``.
+    label_dict
+        name -> id dictionary; tumour names resolve through ``constants.TUMOR_LABELS`` first.
+
+    Returns
+    -------
+    int
+        the label id.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is neither a tumour name nor in ``label_dict``.
+    """
     if name in TUMOR_LABELS:
         return TUMOR_LABELS[name]
     if name not in label_dict:
         raise ValueError(f"label '{name}' is missing from the label dictionary.")
-    return label_dict[name]
+    return int(label_dict[name])
 
 
 def tumor_free_mapping(label_dict: Mapping[str, int] | None = None) -> dict[int, int]:
@@ -565,8 +586,8 @@ def tumor_free_mapping(label_dict: Mapping[str, int] | None = None) -> dict[int,
         primaries -> colon, kidney cysts -> their kidney, brain tumours (``BRAIN_TUMOR_LABELS``) -> brain.
     """
     label_dict = _packaged_label_dict() if label_dict is None else label_dict
-    mapping = {_label_id(lesion, label_dict): _label_id(host, label_dict) for lesion, host in TUMOR_HOST_ORGANS.items()}
-    brain = _label_id("brain", label_dict)
+    mapping = {label_id_of(lesion, label_dict): label_id_of(host, label_dict) for lesion, host in TUMOR_HOST_ORGANS.items()}
+    brain = label_id_of("brain", label_dict)
     mapping.update({lesion: brain for lesion in BRAIN_TUMOR_LABELS})
     return mapping
 
@@ -647,7 +668,7 @@ def remove_tumors(
     label_dict = _packaged_label_dict() if label_dict is None else label_dict
     array = convert_to_numpy(labels)
     result = _replace_ids(array, tumor_free_mapping(label_dict))
-    neighbour_filled = {_label_id(name, label_dict): hosts for name, hosts in NEIGHBOUR_FILLED_LESIONS.items()}
+    neighbour_filled = {label_id_of(name, label_dict): hosts for name, hosts in NEIGHBOUR_FILLED_LESIONS.items()}
     for lesion, hosts in neighbour_filled.items():
         _fill_from_ring(result, lesion, hosts, excluded=list(neighbour_filled), spatial_dims=spatial_dims)
     out, *_ = convert_to_dst_type(result, labels)
