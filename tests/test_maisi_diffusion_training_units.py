@@ -22,6 +22,7 @@ def scripts():
     with bundle_scripts(BUNDLE):
         yield SimpleNamespace(
             training=importlib.import_module("scripts.diffusion_training"),
+            trainers=importlib.import_module("scripts.trainers"),
             embeddings=importlib.import_module("scripts.embeddings"),
             checkpoint=importlib.import_module("scripts.checkpoint"),
         )
@@ -136,12 +137,32 @@ def test_terminate_on_nan_raises_without_completing(scripts):
 
     losses = iter([1.0, float("nan"), 0.5])
     engine = Engine(lambda e, b: {"loss": torch.tensor(next(losses))})
-    scripts.training.TerminateOnNan().attach(engine)
+    scripts.trainers.TerminateOnNan().attach(engine)
     completed = []
     engine.add_event_handler(Events.COMPLETED, lambda e: completed.append(True))
     with pytest.raises(FloatingPointError, match=r"loss is \[nan\] at epoch 1, iteration 2"):
         engine.run([0, 1, 2], max_epochs=1)
     assert not completed  # exporters and checkpoints on COMPLETED never see the NaN weights
+
+
+def test_terminate_on_nan_checks_every_named_loss_term(scripts, tmp_path):
+    from ignite.engine import Engine
+
+    outputs = iter([{"loss": 1.0, "g_loss": 2.0}, {"loss": 1.0, "g_loss": float("inf")}])
+    engine = Engine(lambda e, b: next(outputs))
+    network = torch.nn.Linear(1, 1)
+    exported = tmp_path / "exported.pt"
+    scripts.checkpoint.ModelExporter(path=str(exported), network=network).attach(engine)
+    scripts.trainers.TerminateOnNan(lambda output: output).attach(engine)
+    with pytest.raises(FloatingPointError, match=r"g_loss is \[inf\] at epoch 1, iteration 2"):
+        engine.run([0, 1], max_epochs=1)
+    assert not exported.exists()
+
+
+@pytest.mark.parametrize("config", ["train_autoencoder.json", "train_controlnet.json", "train_diffusion.json"])
+def test_every_training_config_stops_on_nan_without_exporting(config):
+    text = (BUNDLE / "configs" / config).read_text()
+    assert "scripts.trainers.TerminateOnNan" in text and "ignite.handlers.TerminateOnNan" not in text
 
 
 def test_training_settings_and_finetune_errors(scripts, tmp_path):

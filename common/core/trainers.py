@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import AdversarialTrainer
 from monai.utils import AdversarialKeys, CommonKeys
 
@@ -173,3 +174,41 @@ def every_n_iterations(interval: int) -> Callable[[Any, int], bool]:
     if interval < 1:
         raise ValueError(f"log_every_n_iterations={interval} is not allowed; it must be an integer >= 1.")
     return lambda engine, event: event % interval == 0
+
+
+class TerminateOnNan:
+    """
+    Stop training as soon as a loss is NaN or infinite, and fail loudly.
+
+    Unlike ``ignite.handlers.TerminateOnNan`` (which ends the run normally, so the ``COMPLETED`` handlers
+    would checkpoint and export the broken weights), this raises ``FloatingPointError`` on
+    ``ITERATION_COMPLETED``: the exported model and ``checkpoint_last.pt`` keep the last good state.
+
+    Parameters
+    ----------
+    output_transform
+        extracts the loss from ``engine.state.output``: a tensor/number, or a mapping of named loss terms
+        (e.g. ``loss_terms``), all of which are checked. Default: the ``"loss"`` entry.
+    """
+
+    def __init__(self, output_transform: Callable[[Any], Any] | None = None) -> None:
+        self.output_transform = output_transform or (lambda output: output[CommonKeys.LOSS])
+
+    def attach(self, engine: Engine) -> None:
+        """Check the loss after every iteration."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = self.output_transform(engine.state.output)
+        terms = value if isinstance(value, Mapping) else {"loss": value}
+        bad = {}
+        for name, term in terms.items():
+            term = torch.as_tensor(term).detach()
+            if not bool(torch.isfinite(term).all()):
+                bad[name] = term.cpu().reshape(-1).tolist()
+        if bad:
+            shown = ", ".join(f"{name} is {values}" for name, values in bad.items())
+            raise FloatingPointError(
+                f"the training {shown} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+                "stopped without exporting. Lower lr, or set amp=false."
+            )

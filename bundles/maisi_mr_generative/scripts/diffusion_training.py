@@ -16,7 +16,6 @@ What MONAI's ``SupervisedTrainer`` needs to train the MAISI diffusion UNet on la
   DDPM (``epsilon``/``v_prediction``/``sample``), with modality label dropout for classifier-free guidance.
 - :func:`resolve_scale_factor`: the latent scale factor, computed once (``1 / std`` of the first batch)
   and afterwards always read back (resume, fine-tuning).
-- :class:`TerminateOnNan`: stops training on a non-finite loss WITHOUT exporting the broken weights.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 
@@ -44,12 +42,10 @@ __all__ = [
     "GENERIC_CT_CODE",
     "GENERIC_MR_CODE",
     "LatentDiffusionPrepareBatch",
-    "TerminateOnNan",
     "augment_modality_labels",
     "check_diffusion_training_settings",
     "check_export_path",
     "compute_scale_factor",
-    "every_n_iterations",
     "load_pretrained_unet",
     "polynomial_decay",
     "training_loss",
@@ -331,42 +327,3 @@ def polynomial_decay(total_iters: int, power: float = 2.0) -> Callable[[int], fl
 def training_loss(output: Mapping[str, Any]) -> float:
     """The loss of one ``SupervisedTrainer`` iteration (``decollate=False`` output) as a float, for the stats handlers."""
     return float(torch.as_tensor(output["loss"]).detach().float().mean().item())
-
-
-def every_n_iterations(interval: int) -> Callable[[Any, int], bool]:
-    """An ``iteration_log`` filter for MONAI's stats handlers: log every ``interval``-th iteration."""
-
-    def is_due(_engine: Any, iteration: int) -> bool:
-        return iteration % interval == 0
-
-    return is_due
-
-
-class TerminateOnNan:
-    """
-    Stop training as soon as the loss is NaN or infinite, and fail loudly.
-
-    Unlike ``ignite.handlers.TerminateOnNan`` (which ends the run normally, so the ``COMPLETED`` handlers
-    would checkpoint and export the broken weights), this raises ``FloatingPointError``: the exported
-    model and ``checkpoint_last.pt`` keep the last good state.
-
-    Parameters
-    ----------
-    output_transform
-        extracts the loss from ``engine.state.output`` (default: the ``"loss"`` entry).
-    """
-
-    def __init__(self, output_transform: Callable[[Any], Any] | None = None) -> None:
-        self.output_transform = output_transform or (lambda output: output["loss"])
-
-    def attach(self, engine: Engine) -> None:
-        """Check the loss after every iteration."""
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        loss = torch.as_tensor(self.output_transform(engine.state.output))
-        if not bool(torch.isfinite(loss).all()):
-            raise FloatingPointError(
-                f"the training loss is {loss.detach().cpu().reshape(-1).tolist()} at epoch {engine.state.epoch}, "
-                f"iteration {engine.state.iteration}; stopped without exporting. Lower lr, or set amp=false."
-            )
