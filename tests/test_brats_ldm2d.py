@@ -213,6 +213,7 @@ def test_multi_gpu_overlays_with_gloo(dataset_dir, tmp_path):
     assert checkpoint["epoch"] == 1
     assert checkpoint["iteration"] == 2  # 4 training volumes shared by 2 ranks
     assert checkpoint["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2 * 5e-05)
+    assert len(list((tmp_path / "runs/train_autoencoder/tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes TensorBoard
     _tiny_autoencoder().load_state_dict(checkpoint["autoencoder"], strict=True)
 
     diffusion = {**overrides, **TINY_DIFFUSION}

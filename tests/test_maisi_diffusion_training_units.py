@@ -145,6 +145,20 @@ def test_terminate_on_nan_raises_without_completing(scripts):
     assert not completed  # exporters and checkpoints on COMPLETED never see the NaN weights
 
 
+def test_summary_writer_on_rank_zero_only(scripts, tmp_path, monkeypatch):
+    writer = scripts.trainers.rank_zero_summary_writer(str(tmp_path / "rank0"))
+    writer.add_scalar("loss", 1.0, 1)
+    writer.close()
+    assert len(list((tmp_path / "rank0").glob("events.out.tfevents.*"))) == 1
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    other = scripts.trainers.rank_zero_summary_writer(str(tmp_path / "rank1"))
+    other.add_scalar("loss", 1.0, 1)
+    other.add_image("slice", torch.zeros(1, 4, 4), 1)
+    other.close()
+    assert not (tmp_path / "rank1").exists()
+
+
 def test_terminate_on_nan_checks_every_named_loss_term(scripts, tmp_path):
     from ignite.engine import Engine
 

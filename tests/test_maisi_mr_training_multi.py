@@ -29,6 +29,7 @@ def test_multi_gpu_overlay_with_gloo(workspace, tmp_path):
     run_bundle(BUNDLE, configs, _train_overrides(root, tmp_path, max_epochs=1), torchrun_procs=2)
     losses = read_scalars(tmp_path / "tensorboard", "train_loss")
     assert len(losses) == NUM_IMAGES // 2 and all(np.isfinite(losses))  # each rank sees half; rank 0 logs
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes TensorBoard
     exported = torch.load(tmp_path / "diff_unet_3d_rflow-mr.pt", weights_only=True)
     unet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("diffusion_unet_def")
     unet.load_state_dict(exported["unet_state_dict"], strict=True)  # no DDP "module." prefix

@@ -81,6 +81,7 @@ def test_torchrun_two_processes_rank0_outputs_and_lr_per_rank(ddp_trained):
     assert exported["scale_factor"] == checkpoint["scale_factor"] > 0
     losses = read_scalars(ddp_trained / "tensorboard", "train_loss")
     assert len(losses) == iterations_per_rank and all(np.isfinite(losses))  # rank 0 logs alone
+    assert len(list((ddp_trained / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes TensorBoard
 
 
 def test_generation_with_the_trained_unet_by_one_id(workspace, ddp_trained, tmp_path):

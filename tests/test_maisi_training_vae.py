@@ -244,6 +244,7 @@ def test_torchrun_two_processes(dataset, tmp_path):
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2  # 4 images over 2 ranks, batch 1
     assert (tmp_path / "autoencoder.pt").is_file() and "val_psnr" in log
     assert checkpoint["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(0.004)  # lr x world size
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes TensorBoard
 
 
 def test_mr_artifact_augmentations_only_for_mr_with_random_aug():

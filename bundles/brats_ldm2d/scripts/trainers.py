@@ -212,3 +212,35 @@ class TerminateOnNan:
                 f"the training {shown} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
                 "stopped without exporting. Lower lr, or set amp=false."
             )
+
+
+class _DiscardingWriter:
+    """Stands in for a ``SummaryWriter`` on ranks other than 0: every method accepts anything and does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def rank_zero_summary_writer(log_dir: str) -> Any:
+    """
+    A TensorBoard ``SummaryWriter`` on rank 0 (or without ``torch.distributed``), a discarding stand-in elsewhere.
+
+    ``SummaryWriter`` creates its event file as soon as it is built, so building it on every rank of a
+    ``torchrun`` job would leave one empty event file per extra rank next to rank 0's logs.
+
+    Parameters
+    ----------
+    log_dir
+        TensorBoard folder (config id ``tensorboard_dir``).
+
+    Returns
+    -------
+    Any
+        ``torch.utils.tensorboard.SummaryWriter(log_dir)`` on rank 0, otherwise an object whose methods
+        (``add_scalar``, ``add_image``, ``flush``, ``close``, ...) do nothing.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return _DiscardingWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)
