@@ -49,14 +49,7 @@ def _anatomy_prior(shape, scale=10.0) -> torch.Tensor:
         logits[0, channel] = logits[0, parent[channel]] + scale * (1 - distance / radius)
     return logits
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread; several spin-wait when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,15 +32,7 @@ TINY = {
     "controlnet_def#conditioning_embedding_num_channels": [8, 8, 8],
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny networks gain nothing from threads, and on a busy 2-core machine 2 threads spin (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the bundle runs in subprocesses
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parser(config_files, overrides, bundle=BUNDLE):

@@ -26,15 +26,7 @@ TINY = {
     "discriminator_def#num_layers_d": 2,
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny networks gain nothing from threads, and on a busy 2-core machine 2 threads spin (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the bundle runs in subprocesses
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ct_volume(rng: np.random.Generator) -> np.ndarray:
