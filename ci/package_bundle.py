@@ -8,7 +8,7 @@ Usage::
 writes ``build/<name>_v<version>.zip`` holding ``<name>/<file>`` for every source file of the bundle.
 Generated folders (``models/``, ``eval/``, ``runs/``, ``output/``) and Python caches are left out:
 weights are listed in ``large_files.yml`` and fetched by users with
-``python -m monai.bundle download_large_files --bundle_dir <bundle root>``.
+``python -m monai.bundle download_large_files --bundle_path <bundle root>``.
 The same sources always give the same bytes (sorted members, fixed timestamps and permissions).
 """
 
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "configs/metadata.json"
 EXCLUDED_NAMES = frozenset({"__pycache__", ".pytest_cache"})
+EXCLUDED_FILES = frozenset({".generated-files"})  # the repository's record of copied files (ci/sync_shared_code.py)
 EXCLUDED_SUFFIXES = (".pyc",)
 GENERATED_DIRS = frozenset({"models", "eval", "runs", "output"})
 ZIP_DATE_TIME = (2022, 5, 30, 0, 0, 0)
@@ -52,13 +53,13 @@ def bundle_files(bundle_dir: Path) -> list[Path]:
     -------
     list of Path
         paths relative to ``bundle_dir``, sorted by their POSIX form; ``__pycache__``, ``.pytest_cache``,
-        ``*.pyc`` and the top-level generated folders are excluded.
+        ``*.pyc``, ``.generated-files`` and the top-level generated folders are excluded.
     """
     files = []
     for root, dirs, names in os.walk(bundle_dir):
         relroot = Path(root).relative_to(bundle_dir)
         dirs[:] = [name for name in dirs if not _is_excluded_dir(relroot, name)]
-        files += [relroot / name for name in names if not name.endswith(EXCLUDED_SUFFIXES)]
+        files += [relroot / name for name in names if not name.endswith(EXCLUDED_SUFFIXES) and name not in EXCLUDED_FILES]
     return sorted(files, key=Path.as_posix)
 
 

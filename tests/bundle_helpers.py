@@ -17,8 +17,9 @@ __all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "run_bundle"]
 @contextlib.contextmanager
 def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
     """
-    Import ``<bundle_dir>/scripts`` as the package ``scripts`` for the duration of the block; for the canonical
-    ``common/maisi`` the package also holds the ``common/core`` modules (``scripts.checkpoint``...), as in a bundle.
+    Import ``<bundle_dir>/scripts`` as the package ``scripts`` for the duration of the block.
+
+    Tests of the canonical ``common/`` code import a bundle's copy of it (identical bytes: ``test_shared_code``).
     """
 
     def purge() -> None:
@@ -28,10 +29,7 @@ def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
     purge()
     sys.path.insert(0, str(bundle_dir))
     try:
-        package = importlib.import_module("scripts")
-        if bundle_dir.resolve() == (REPO_ROOT / "common" / "maisi").resolve():
-            package.__path__.append(str(REPO_ROOT / "common" / "core"))  # as ci/sync_shared_code.py lays out a bundle
-        yield package
+        yield importlib.import_module("scripts")
     finally:
         sys.path.remove(str(bundle_dir))
         purge()

@@ -11,12 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle_helpers import BUNDLES_DIR, REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 
 @pytest.fixture(scope="module")
 def modules():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.data_prep"), importlib.import_module("scripts.embeddings")
 
 

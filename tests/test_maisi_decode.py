@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiConvolution
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only planned for, never used: no CUDA call happens when a budget is given
@@ -20,7 +20,7 @@ CUDA = torch.device("cuda")  # only planned for, never used: no CUDA call happen
 
 @pytest.fixture(scope="module")
 def decode() -> ModuleType:
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         return importlib.import_module("scripts.decode")
 
 

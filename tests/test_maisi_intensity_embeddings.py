@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, REPO_ROOT, bundle_scripts
 
 MODALITY_MAPPING = json.loads((REPO_ROOT / "common" / "maisi" / "data" / "modality_mapping.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def modules():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.intensity"), importlib.import_module("scripts.embeddings")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 # Raw MAISI ids used below (label_dict.json).
 LIVER, PANCREAS, RIGHT_KIDNEY, LEFT_KIDNEY, BRAIN, COLON = 1, 4, 5, 14, 22, 62
@@ -20,7 +20,7 @@ LEFT_KIDNEY_CYST, RIGHT_KIDNEY_CYST = 116, 117
 
 @pytest.fixture(scope="module")
 def maisi():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.labels"), importlib.import_module("scripts.constants")
 
 

@@ -13,7 +13,7 @@ from monai.data.utils import affine_to_spacing
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 BACKGROUND, LIVER, SPLEEN, PANCREAS, GALLBLADDER, STOMACH, SMALL_BOWEL, COLON, BODY = 0, 1, 3, 4, 10, 12, 19, 62, 200
 HEPATIC_VESSEL, HEPATIC_TUMOR, PANCREATIC_TUMOR, AIRWAY = 25, 26, 24, 132
@@ -54,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def mg():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.mask_generation")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 LIVER, SPLEEN, BONE = 1, 3, 33
 LUNGS = (28, 29, 30, 31, 32)
@@ -24,7 +24,7 @@ CHEST_TO_ABDOMEN = {"top_region_index": [0, 1, 0, 0], "bottom_region_index": [0,
 
 @pytest.fixture(scope="module")
 def masks():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.masks")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 SHAPE = (24, 20, 16)
 SPACING = (1.0, 1.5, 2.5)  # anisotropic: X' = 24, Y' = 30, Z' = 40 pixels at 1 mm
@@ -23,7 +23,7 @@ ITK_ONLY_EXTS = (".nrrd", ".mha")
 
 @pytest.fixture(scope="module")
 def maisi():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield (
             importlib.import_module("scripts.outputs"),
             importlib.import_module("scripts.quality"),

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 LIVER, SPLEEN, HEPATIC_TUMOR, RIGHT_LOWER_LOBE, LEFT_UPPER_LOBE = 1, 3, 26, 32, 28
 
 
 @pytest.fixture(scope="module")
 def maisi():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.quality"), importlib.import_module("scripts.constants")
 
 

@@ -10,7 +10,7 @@ from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMais
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 LATENT = (1, 4, 8, 8, 8)
 TINY = {
@@ -27,7 +27,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def sampler():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
         yield importlib.import_module("scripts.sampler")
 
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
-COMMON = REPO_ROOT / "common" / "maisi"
+COMMON = BUNDLES_DIR / "maisi_ct_generative"  # the copies of common/maisi (identical, see test_shared_code)
 
 
 @pytest.fixture(scope="module")

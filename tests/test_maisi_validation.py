@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, REPO_ROOT, bundle_scripts
 
 DATA = REPO_ROOT / "common" / "maisi" / "data"
 LABEL_DICT_JSON = DATA / "label_dict.json"
@@ -27,7 +27,7 @@ CANDIDATES = [
 
 @pytest.fixture(scope="module")
 def scripts():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi") as package:
+    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative") as package:
         yield package
 
 

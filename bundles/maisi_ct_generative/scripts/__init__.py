@@ -8,4 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""MAISI logic shared by the CT and MR bundles (canonical copy: common/maisi/scripts)."""
+"""What MONAI lacks for MAISI CT generation and training; referenced from ``configs/*.json`` as ``scripts.*``.
+
+Most modules are copies of ``common/`` (listed in ``../.generated-files``); edit those in ``common/`` and run
+``python ci/sync_shared_code.py``.
+"""
