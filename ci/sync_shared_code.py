@@ -119,7 +119,7 @@ def _listed_copies(repo_root: Path, bundle: str) -> list[Path]:
 
 
 def _listing_text(bundle: str, copies: Sequence[Copy]) -> str:
-    header = f"# files of this bundle copied from common/ by ci/sync_shared_code.py (edit the source, then sync)\n"
+    header = "# files of this bundle copied from common/ by ci/sync_shared_code.py (edit the source, then sync)\n"
     root = Path("bundles") / bundle
     return header + "".join(f"{copy.target.relative_to(root).as_posix()}\n" for copy in copies)
 

@@ -11,7 +11,7 @@ from types import ModuleType
 
 from demo.runner import BUNDLES_DIR, REPO_ROOT, run_bundle
 
-__all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "run_bundle"]
+__all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "parse_bundle_config", "run_bundle", "run_in_process"]
 
 
 @contextlib.contextmanager
@@ -33,3 +33,26 @@ def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
     finally:
         sys.path.remove(str(bundle_dir))
         purge()
+
+
+def parse_bundle_config(bundle_dir: Path, config_files: list[str], overrides: dict | None = None):
+    """A ``ConfigParser`` of ``config_files`` (relative to ``configs/``, stacked) with ``overrides`` applied."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle_dir / "configs" / name) for name in config_files])
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def run_in_process(bundle_dir: Path, config_files: list[str], overrides: dict | None = None):
+    """
+    Run ``initialize``, ``run`` and ``finalize`` of the stacked configs in this process, as ``monai.bundle run``
+    does (the bundle's ``scripts`` imported for the duration); returns the parser for further inspection.
+    """
+    with bundle_scripts(bundle_dir):
+        parser = parse_bundle_config(bundle_dir, config_files, overrides)
+        for section in ("initialize", "run", "finalize"):
+            parser.get_parsed_content(section)
+        return parser

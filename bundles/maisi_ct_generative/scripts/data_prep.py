@@ -322,7 +322,7 @@ def region_one_hot(region: str | None) -> list[int] | None:
     """``"chest"`` -> ``[0, 1, 0, 0]`` (names and aliases of ``validation.check_body_region``); ``None`` -> ``None``."""
     if region is None:
         return None
-    from .validation import check_body_region
+    from .labels import check_body_region
 
     indices = check_body_region(str(region))
     one_hot = [0] * len(BODY_REGIONS)

@@ -9,8 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-MAISI label maps: ControlNet bit planes, body-region and spacing conditions, tumour removal,
-label filtering and the mask generator's channel-to-id mapping.
+MAISI label maps: the label dictionary, ControlNet bit planes, body-region and spacing conditions, tumour
+removal and label filtering.
 
 Every function keeps the raw MAISI ids of ``label_dict.json`` (no renumbering). Functions that take a
 label map accept a ``torch.Tensor`` (``MetaTensor`` included) or a ``numpy.ndarray`` and return the same
@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from .constants import (
     BACKGROUND_LABEL,
+    BODY_REGION_ALIASES,
     BODY_REGIONS,
     MAX_CONTROLNET_LABEL,
     MR_CONTROLNET_LABEL_MAP,
@@ -43,25 +44,24 @@ from .constants import (
     SPACING_SCALE,
     TUMOR_LABELS,
 )
-from .validation import load_label_dict as _read_label_dict
+from .value_checks import as_list, did_you_mean, load_json_file
 
 __all__ = [
     "BRAIN_TUMOR_LABELS",
     "LABEL_DICT_FILENAME",
-    "CHANNEL_TABLE_FILENAME",
     "NEIGHBOUR_FILLED_LESIONS",
     "TUMOR_HOST_ORGANS",
     "binarize_labels",
     "body_region_indices_from_mask",
-    "channel_to_label_table",
+    "check_body_region",
     "default_data_path",
     "filter_label_map",
+    "format_ids",
     "label_id_of",
     "label_output_dtype",
-    "load_channel_table",
     "load_json",
     "load_label_dict",
-    "mask_logits_to_labels",
+    "load_name_to_code",
     "region_condition",
     "remap_labels_for_controlnet",
     "remap_mr_labels_for_controlnet",
@@ -71,7 +71,6 @@ __all__ = [
 ]
 
 LABEL_DICT_FILENAME = "label_dict.json"
-CHANNEL_TABLE_FILENAME = "label_dict_124_to_132.json"
 # Where the data files live next to ``scripts/``: ``data/`` in common/maisi, ``configs/`` in a bundle.
 _DATA_FOLDERS = ("data", "configs")
 _MAX_EQUALITY_PASSES = 16  # torch membership tests with more ids use torch.isin
@@ -165,17 +164,47 @@ def default_data_path(filename: str) -> Path:
     raise FileNotFoundError(f"'{filename}' not found; looked for {', '.join(repr(str(c)) for c in candidates)}.")
 
 
-def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
+def load_name_to_code(path: str | Path, config_id: str, minimum: int) -> dict[str, int]:
     """
-    Read a MAISI label dictionary (anatomy name -> label id), by default the packaged one.
-
-    The file is read and checked by ``validation.load_label_dict`` (the one label-dictionary reader; its
-    errors name the ``label_dict_json`` id); this function only adds the packaged default, read once.
+    Read a JSON object mapping names to integer codes (``label_dict.json``, ``modality_mapping.json``).
 
     Parameters
     ----------
     path
-        JSON file; ``None`` reads the packaged ``label_dict.json``.
+        the JSON file.
+    config_id
+        the config id named in errors, e.g. ``"label_dict_json"``.
+    minimum
+        the smallest allowed code.
+
+    Returns
+    -------
+    dict[str, int]
+        The mapping, in file order.
+
+    Raises
+    ------
+    ValueError
+        the file is missing, is not JSON, or does not map names to integers >= ``minimum``.
+    """
+    content = load_json_file(config_id, path)
+    if not isinstance(content, dict) or not content:
+        raise ValueError(f"{config_id}={str(path)!r} must hold a non-empty JSON object mapping names to integers.")
+    bad = {k: v for k, v in content.items() if isinstance(v, bool) or not isinstance(v, int) or v < minimum}
+    if bad:
+        shown = dict(list(bad.items())[:5])
+        raise ValueError(f"{config_id}={str(path)!r} maps names to values that are not integers >= {minimum}: {shown}.")
+    return {str(k): int(v) for k, v in content.items()}
+
+
+def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
+    """
+    Read a MAISI label dictionary (anatomy name -> label id), by default the packaged one.
+
+    Parameters
+    ----------
+    path
+        JSON file (the ``label_dict_json`` id); ``None`` reads the packaged ``label_dict.json`` (once).
 
     Returns
     -------
@@ -185,74 +214,17 @@ def load_label_dict(path: str | Path | None = None) -> dict[str, int]:
     Raises
     ------
     ValueError
-        If the file is missing, not JSON, or not a mapping of names to integer ids >= 1.
+        If the file is missing, not JSON, or not a mapping of names to integer ids >= 1; the message names
+        ``label_dict_json``.
     """
     if path is None:
         return dict(_packaged_label_dict())
-    return _read_label_dict(path)
+    return load_name_to_code(path, "label_dict_json", minimum=1)
 
 
 @functools.lru_cache(maxsize=1)
 def _packaged_label_dict() -> Mapping[str, int]:
-    return MappingProxyType(_read_label_dict(default_data_path(LABEL_DICT_FILENAME)))
-
-
-def load_channel_table(path: str | Path | None = None) -> dict[int, int]:
-    """
-    Read the mask generator's channel table (``label_dict_124_to_132.json``) as channel -> MAISI id.
-
-    Parameters
-    ----------
-    path
-        JSON file of ``name: [channel, label_id]`` entries; ``None`` reads the packaged file.
-
-    Returns
-    -------
-    dict[int, int]
-        Generator channel index -> MAISI label id.
-    """
-    path = default_data_path(CHANNEL_TABLE_FILENAME) if path is None else Path(path)
-    try:
-        return channel_to_label_table(load_json(path))
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
-
-
-def channel_to_label_table(table: Mapping[Any, Any]) -> dict[int, int]:
-    """
-    Normalise a channel table to ``{channel: label_id}``.
-
-    Parameters
-    ----------
-    table
-        Either the structure of ``label_dict_124_to_132.json`` (``{"body": [124, 200], ...}``: name ->
-        ``[channel, label_id]``) or a plain ``{channel: label_id}`` mapping.
-
-    Returns
-    -------
-    dict[int, int]
-        Channel index -> MAISI label id.
-
-    Raises
-    ------
-    ValueError
-        If an entry is malformed or a channel appears twice.
-    """
-    result: dict[int, int] = {}
-    for key, value in table.items():
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            if len(value) != 2:
-                raise ValueError(f"entry {key!r} must be [channel, label_id], got {value!r}.")
-            channel, label_id = value
-        else:
-            channel, label_id = key, value
-        channel, label_id = int(channel), int(label_id)
-        if channel < 0 or label_id < 0:
-            raise ValueError(f"entry {key!r}: channel and label id must be non-negative, got {value!r}.")
-        if channel in result:
-            raise ValueError(f"channel {channel} is mapped twice (entry {key!r}).")
-        result[channel] = label_id
-    return result
+    return MappingProxyType(load_name_to_code(default_data_path(LABEL_DICT_FILENAME), "label_dict_json", minimum=1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,7 +276,8 @@ def _unique_ids(values: NdarrayOrTensor) -> list[int]:
     return [int(v) for v in np.unique(values)]
 
 
-def _format_ids(ids: Sequence[int], limit: int = 20) -> str:
+def format_ids(ids: Sequence[int], limit: int = 20) -> str:
+    """``ids`` as ``[1, 2, ...]`` for messages, at most ``limit`` of them (then ``... (N in all)``)."""
     shown = ", ".join(str(i) for i in ids[:limit])
     return shown + (f", ... ({len(ids)} ids)" if len(ids) > limit else "")
 
@@ -363,7 +336,7 @@ def binarize_labels(labels: torch.Tensor, bits: int = 8, dtype: torch.dtype = to
     offending = _outside(labels, 0, max_id)
     if offending:
         raise ValueError(
-            f"label ids {_format_ids(offending)} are outside [0, {max_id}], the range {bits} bit planes can encode "
+            f"label ids {format_ids(offending)} are outside [0, {max_id}], the range {bits} bit planes can encode "
             f"(MAX_CONTROLNET_LABEL = {MAX_CONTROLNET_LABEL}); map them with remap_labels_for_controlnet first."
         )
     ids = torch.as_tensor(labels, dtype=torch.uint8 if bits <= 8 else torch.int64)
@@ -406,7 +379,7 @@ def remap_labels_for_controlnet(labels: NdarrayOrTensor, mapping: Mapping[int, i
     unmapped = _outside(remapped, BACKGROUND_LABEL, MAX_CONTROLNET_LABEL)
     if unmapped:
         raise ValueError(
-            f"label ids {_format_ids(unmapped)} are outside [0, {MAX_CONTROLNET_LABEL}] "
+            f"label ids {format_ids(unmapped)} are outside [0, {MAX_CONTROLNET_LABEL}] "
             "and have no entry in the mapping."
         )
     return remapped
@@ -540,6 +513,26 @@ def spacing_condition(spacing: Sequence[float] | NdarrayOrTensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------------
 # Tumour removal (the classifier-free-guidance unconditional mask)
 # ----------------------------------------------------------------------------------------------------
+
+
+def check_body_region(body_region: Any) -> list[int]:
+    """
+    Map ``body_region`` names (case-insensitive, with the aliases of ``BODY_REGION_ALIASES``; one name may be a
+    string) to the sorted, distinct body-region indices (0 head, 1 chest, 2 abdomen, 3 pelvis).
+    """
+    names = [body_region] if isinstance(body_region, str) else as_list("body_region", body_region)
+    allowed = list(BODY_REGION_ALIASES)
+    indices = set()
+    for name in names:
+        key = name.strip().lower() if isinstance(name, str) else None
+        if key not in BODY_REGION_ALIASES:
+            hint = did_you_mean(name, allowed) if isinstance(name, str) else ""
+            raise ValueError(
+                f"body_region={body_region!r} is not allowed: {name!r} is not a body region.{hint} "
+                f"Allowed (case-insensitive): {allowed}."
+            )
+        indices.add(BODY_REGION_ALIASES[key])
+    return sorted(indices)
 
 
 def label_id_of(name: str, label_dict: Mapping[str, int]) -> int:
@@ -728,45 +721,3 @@ def label_output_dtype(max_id: int) -> np.dtype:
         if max_id <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     raise ValueError(f"label id {max_id} does not fit in int16 (max {np.iinfo(np.int16).max}).")
-
-
-def mask_logits_to_labels(
-    logits_or_probs: torch.Tensor, channel_to_label: Mapping[Any, Any]
-) -> torch.Tensor:
-    """
-    Turn the mask generator's per-channel output into a MAISI label map.
-
-    ``argmax`` over channels (softmax would not change it), then a lookup table maps channel index ->
-    MAISI id.
-
-    Parameters
-    ----------
-    logits_or_probs
-        Generator output of shape ``(B, C, *spatial)``.
-    channel_to_label
-        ``label_dict_124_to_132.json`` content (``{"body": [124, 200], ...}``) or ``{channel: label_id}``;
-        it must cover channels ``0 .. C-1`` exactly.
-
-    Returns
-    -------
-    torch.Tensor
-        ``int64`` label map of shape ``(B, 1, *spatial)`` on the input's device.
-
-    Raises
-    ------
-    ValueError
-        If the table does not match the number of channels.
-    """
-    if logits_or_probs.ndim < 3:
-        raise ValueError(f"expected (B, C, *spatial) logits, got shape {tuple(logits_or_probs.shape)}.")
-    table = channel_to_label_table(channel_to_label)
-    num_channels = logits_or_probs.shape[1]
-    missing = sorted(set(range(num_channels)) - set(table))
-    extra = sorted(c for c in table if c >= num_channels)
-    if missing or extra:
-        raise ValueError(
-            f"the channel table does not match the {num_channels} output channels: "
-            f"missing channels {_format_ids(missing)}; channels beyond the output {_format_ids(extra)}."
-        )
-    lookup = torch.as_tensor([table[c] for c in range(num_channels)], dtype=torch.int64, device=logits_or_probs.device)
-    return lookup[torch.argmax(logits_or_probs, dim=1, keepdim=True)]

@@ -215,3 +215,47 @@ def sample_latent(
             step_callback(index, latent)
     return latent
 
+
+
+class LatentSampler:
+    """
+    The denoising loop of a generation run as a config component: scheduler, steps and guidance fixed once.
+
+    Parameters
+    ----------
+    scheduler
+        the noise scheduler (``noise_scheduler``).
+    num_inference_steps
+        denoising steps (the normalised ``num_inference_steps``).
+    guidance_scale
+        classifier-free guidance scale (the normalised ``cfg_guidance_scale``; 0 = off).
+    progress
+        show a progress bar per sample.
+    """
+
+    def __init__(self, scheduler: Scheduler, num_inference_steps: int, guidance_scale: float = 0.0, progress: bool = True) -> None:
+        self.scheduler = scheduler
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.progress = progress
+
+    def __call__(
+        self,
+        unet: torch.nn.Module,
+        noise: torch.Tensor,
+        conditions: SamplingConditions,
+        controlnet: torch.nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoise ``noise`` (see :func:`sample_latent`)."""
+        return sample_latent(
+            unet,
+            self.scheduler,
+            noise,
+            conditions,
+            self.num_inference_steps,
+            controlnet=controlnet,
+            guidance_scale=self.guidance_scale,
+            generator=generator,
+            progress=self.progress,
+        )

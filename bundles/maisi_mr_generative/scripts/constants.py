@@ -71,6 +71,8 @@ CONTROLLABLE_ANATOMIES = (
 )
 
 BODY_LABEL = 200  # body envelope
+COLON_LABEL = 62  # host organ of "colon cancer primaries" (label_dict.json "colon")
+COSTAL_CARTILAGE_LABEL = 114  # a bone lesion may sit there too (label_dict.json "costal cartilages")
 BACKGROUND_LABEL = 0
 MAX_CONTROLNET_LABEL = 255  # the ControlNet condition is 8 bit planes
 # MR label ids above MAX_CONTROLNET_LABEL and the ids they take before binarisation
@@ -92,6 +94,12 @@ QC_LABEL_GROUPS = MappingProxyType(
         "bone": tuple(range(33, 57)) + tuple(range(63, 98)) + (120, 122, 127),
     }
 )
+
+# Modality codes of modality_mapping.json: 0 is "unknown" (the classifier-free-guidance null class), 1..7 are CT,
+# 8 and above are MR.
+UNCONDITIONAL_CLASS_LABEL = 0
+CT_MODALITY_CODES = range(1, 8)
+MR_MIN_MODALITY_CODE = 8
 
 # Intensity conventions of the decoded image (autoencoder output in [0, 1]).
 CT_HU_MIN, CT_HU_MAX = -1000.0, 1000.0

@@ -136,7 +136,7 @@ def modality_code(modality: Any, modality_mapping_json: str | os.PathLike) -> in
         unknown name, code 0 ("unknown") or a code missing from ``modality_mapping_json``.
     """
     from .intensity import modality_family
-    from .validation import load_modality_mapping, resolve_modality
+    from .modality import load_modality_mapping, resolve_modality
 
     mapping = load_modality_mapping(modality_mapping_json)
     return resolve_modality(modality, mapping, modality_family(modality, mapping))

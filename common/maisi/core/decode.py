@@ -838,3 +838,54 @@ def decode_latent(
             )
             image = inferer(latent, decoder)
     return image.to(device=plan.stitch_device, dtype=latent.dtype)
+
+
+class PlannedDecoder:
+    """
+    Decode latents within a memory budget, planning once per latent shape (a config component).
+
+    Parameters
+    ----------
+    roi_size
+        ``autoencoder_sliding_window_infer_size`` (latent voxels), ``None`` = planned.
+    overlap
+        ``autoencoder_sliding_window_infer_overlap``.
+    num_splits
+        ``autoencoder_tp_num_splits``: honoured when given, ``None`` = planned.
+    memory_budget_gb
+        ``memory_budget_gb``, ``None`` = the device's free memory.
+    device
+        where the decoder runs.
+    progress
+        show the sliding-window progress bar.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | None,
+        overlap: float,
+        num_splits: int | None,
+        memory_budget_gb: float | None,
+        device: torch.device | str,
+        progress: bool = True,
+    ) -> None:
+        self.roi_size = roi_size
+        self.overlap = overlap
+        self.num_splits = num_splits
+        self.memory_budget_gb = memory_budget_gb
+        self.device = torch.device(device)
+        self.progress = progress
+        self._plans: dict[tuple[int, ...], DecodePlan] = {}
+
+    def plan(self, latent_shape: Sequence[int]) -> DecodePlan:
+        """The decode plan of a latent shape (``(C, X, Y, Z)`` or spatial only), planned once."""
+        key = _spatial_shape(latent_shape)
+        if key not in self._plans:
+            self._plans[key] = plan_decode(
+                key, self.device, self.roi_size, self.overlap, self.num_splits, self.memory_budget_gb
+            )
+        return self._plans[key]
+
+    def __call__(self, decoder: LatentDecoder, latent: torch.Tensor) -> torch.Tensor:
+        """Decode ``latent`` ``(B, C, X, Y, Z)`` as planned for its shape."""
+        return decode_latent(decoder, latent, self.plan(latent.shape), progress=self.progress)

@@ -25,7 +25,7 @@ The pipeline of :func:`generate_mask`:
 4. Post-processing (:func:`postprocess_generated_mask`): body envelope, tumours, single-component
    organs, bowel continuity and small-hole closing, each a small function of its own.
 5. Resampling from the generator's grid (4x the latent, 1.5 mm in the published model) to
-   ``output_size``/``spacing`` (``masks.resample_mask``), then a check that every requested anatomy
+   ``output_size``/``spacing`` (``label_io.resample_mask``), then a check that every requested anatomy
    survived; a lost anatomy raises ``ValueError`` so the caller can retry with another seed.
 
 Every random draw comes from one ``torch.Generator`` seeded with ``seed``: the same seed, networks
@@ -54,22 +54,17 @@ from scipy import ndimage
 
 from .constants import BACKGROUND_LABEL, BODY_LABEL, CONTROLLABLE_ANATOMIES, TUMOR_LABELS
 from .decode import DEFAULT_DIM_SPLIT, DEFAULT_OVERLAP, LatentDecoder, decode_latent, get_autoencoder_splits, plan_decode
-from .labels import (
-    body_region_indices_from_mask,
-    label_id_of,
-    load_channel_table,
-    load_json,
-    load_label_dict,
-    mask_logits_to_labels,
-    remove_tumors,
-)
-from .masks import MASK_DTYPE, close_labels, mask_spacing, resample_mask
+from .label_io import MASK_DTYPE, mask_spacing, resample_mask
+from .labels import body_region_indices_from_mask, label_id_of, load_json, load_label_dict, remove_tumors
+from .mask_augmentation import close_labels
+from .mask_channels import load_channel_table, mask_logits_to_labels
 from .sampler import SamplingConditions, sample_latent
-from .validation import check_controllable_anatomy_size
+from .value_checks import as_list, did_you_mean, is_real
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "check_controllable_anatomy_size",
     "BOWEL_ORGANS",
     "MASK_GENERATION_LATENT_SHAPE",
     "MASK_GENERATION_SPACING",
@@ -262,6 +257,59 @@ def load_size_condition_database(
     return SizeConditionDatabase(sizes=sizes, entries=tuple(entries), source=source)
 
 
+def check_controllable_anatomy_size(controllable_anatomy_size: Any) -> list[tuple[str, float]]:
+    """
+    Check ``controllable_anatomy_size``, the ``[name, size]`` pairs of the mask generator.
+
+    At most ``NUM_SIZE_SLOTS`` pairs; names from ``CONTROLLABLE_ANATOMIES``
+    (case-insensitive), each at most once, with at most one tumour (``TUMOR_LABELS``); sizes in
+    [0, 1] (relative size) or exactly -1 (remove the anatomy). An empty list disables mask generation.
+
+    Returns
+    -------
+    list[tuple[str, float]]
+        The ``(name, size)`` pairs, names lower-case.
+    """
+    pairs = as_list("controllable_anatomy_size", controllable_anatomy_size)
+    if len(pairs) > NUM_SIZE_SLOTS:
+        raise ValueError(
+            f"controllable_anatomy_size has {len(pairs)} entries; at most {NUM_SIZE_SLOTS} are allowed "
+            f"(one per controllable anatomy: {list(CONTROLLABLE_ANATOMIES)})."
+        )
+    result: list[tuple[str, float]] = []
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(
+                f"controllable_anatomy_size={controllable_anatomy_size!r} is not allowed: {pair!r} must be a "
+                "[name, size] pair, e.g. ['liver', 0.5]."
+            )
+        name, size = pair
+        key = name.strip().lower() if isinstance(name, str) else None
+        if key not in CONTROLLABLE_ANATOMIES:
+            hint = did_you_mean(name, CONTROLLABLE_ANATOMIES) if isinstance(name, str) else ""
+            raise ValueError(
+                f"controllable_anatomy_size={controllable_anatomy_size!r} is not allowed: {name!r} is not a "
+                f"controllable anatomy.{hint} Allowed: {list(CONTROLLABLE_ANATOMIES)}."
+            )
+        if not is_real(size) or not (0.0 <= size <= 1.0 or size == REMOVE_SIZE):
+            raise ValueError(
+                f"controllable_anatomy_size={controllable_anatomy_size!r} is not allowed: size {size!r} of {key!r} "
+                "must be in [0, 1] or exactly -1 (remove the anatomy)."
+            )
+        if any(key == seen for seen, _ in result):
+            raise ValueError(
+                f"controllable_anatomy_size={controllable_anatomy_size!r} is not allowed: {key!r} is given twice."
+            )
+        result.append((key, float(size)))
+    tumors = [name for name, _ in result if name in TUMOR_LABELS]
+    if len(tumors) > 1:
+        raise ValueError(
+            f"controllable_anatomy_size={controllable_anatomy_size!r} is not allowed: it has {len(tumors)} tumours "
+            f"{tumors}; at most one of {list(TUMOR_LABELS)} is allowed."
+        )
+    return result
+
+
 def _checked_pairs(controllable_anatomy_size: Any) -> list[tuple[str, float]]:
     """The validated ``(name, size)`` pairs; a mapping ``{name: size}`` is accepted too. Empty is an error."""
     if isinstance(controllable_anatomy_size, Mapping):
@@ -296,7 +344,7 @@ def match_size_condition(
     ----------
     controllable_anatomy_size
         ``[name, size]`` pairs (or a ``{name: size}`` mapping), checked with
-        ``validation.check_controllable_anatomy_size``; at least one pair.
+        ``check_controllable_anatomy_size``; at least one pair.
     database
         the database, or an (N, 10) array of sizes.
 
@@ -521,7 +569,7 @@ def decode_mask(
     Decode a mask latent into a MAISI label map.
 
     The decoder gives one logit per channel; the label is the ``argmax`` over channels (a softmax would
-    not change it), mapped to MAISI ids with the channel table (``labels.mask_logits_to_labels``).
+    not change it), mapped to MAISI ids with the channel table (``mask_channels.mask_logits_to_labels``).
     Large latents are decoded in split/sliding-window mode planned within the memory budget
     (``decode.plan_decode``; explicit values win).
 

@@ -1,10 +1,11 @@
-"""Tests of the MAISI input validation (common/maisi/scripts/validation.py) and of the shared label constants."""
+"""Tests of the MAISI value checks and generation settings (settings, settings_ct, settings_mr, value_checks) and of the label constants."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -31,9 +32,23 @@ def scripts():
         yield package
 
 
+_CHECK_MODULES = ("value_checks", "labels", "modality", "writers", "settings", "settings_ct", "mask_generation", "mask_database")
+
+
 @pytest.fixture(scope="module")
 def v(scripts):
-    return importlib.import_module("scripts.validation")
+    """The checks of every settings module in one namespace (they lived in one validation module before)."""
+    namespace = {}
+    for name in _CHECK_MODULES:
+        module = importlib.import_module(f"scripts.{name}")
+        namespace.update({k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
+    return SimpleNamespace(**namespace)
+
+
+@pytest.fixture(scope="module")
+def mr_settings():
+    with bundle_scripts(BUNDLES_DIR / "maisi_mr_generative"):
+        yield importlib.import_module("scripts.settings_mr")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +183,8 @@ def test_spacing_ct_field_of_view(v):
     assert v.check_spacing_ct([0.6667, 0.6667, 1.0], [384, 384, 256])[0] == 0.6667
 
 
-def test_output_size_mr(v):
+def test_output_size_mr(mr_settings):
+    v = mr_settings
     for size in ([128, 128, 128], [512, 512, 128], [128, 256, 256], [256, 128, 256], [256, 256, 256]):
         assert v.check_output_size_mr(size) == tuple(size)
     with _raises("output_size=[256, 256, 192]", "z=192", "z=128:", "z=256:"):
@@ -179,7 +195,8 @@ def test_output_size_mr(v):
         v.check_output_size_mr([128, 256, 128])
 
 
-def test_spacing_mr(v):
+def test_spacing_mr(mr_settings):
+    v = mr_settings
     assert v.check_spacing_mr([1.25, 1.0, 1.0]) == (1.25, 1.0, 1.0)  # anisotropic x/y is fine for MR
     assert v.check_spacing_mr([0.4, 5.0, 0.4]) == (0.4, 5.0, 0.4)
     with _raises("spacing=[0.3, 1.0, 1.0]", "x=0.3", "[0.4, 5.0]"):
@@ -230,46 +247,49 @@ def test_anatomy_list(v, label_dict):
         v.check_anatomy_list([1.5], label_dict)
 
 
-def test_anatomy_matches_regions(v, label_dict):
+def _candidates(v, entries):
+    return [
+        v.Candidate(
+            filename=f"mask{i}.nii.gz",
+            folder=Path("masks"),
+            spacing=(1.5, 1.5, 2.0),
+            dim=(256, 256, 128),
+            label_ids=frozenset(e["label_list"]),
+            top_region=v._one_hot_index(e.get("top_region_index"), "top_region_index", i),
+            bottom_region=v._one_hot_index(e.get("bottom_region_index"), "bottom_region_index", i),
+        )
+        for i, e in enumerate(entries)
+    ]
+
+
+def test_anatomy_in_database(v, label_dict):
     names = {label: name for name, label in label_dict.items()}
+    candidates = _candidates(v, CANDIDATES)
     # the second liver mask holds a colon tumour (27) that is not requested, so it is not used
-    assert v.check_anatomy_matches_regions([1], [2], CANDIDATES) == [CANDIDATES[0]]
-    assert v.check_anatomy_matches_regions([1], [2], CANDIDATES, exclude_unrequested_tumors=False) == CANDIDATES[:2]
-    assert v.check_anatomy_matches_regions([1, 27], [2, 3], CANDIDATES) == [CANDIDATES[1]]
-    assert v.check_anatomy_matches_regions([], [0], CANDIDATES) == [CANDIDATES[2]]
+    assert v.filter_candidates(candidates, [1], [2]) == candidates[:1]
+    assert v.filter_candidates(candidates, [1, 27], [2, 3]) == [candidates[1]]
+    v.check_anatomy_in_database([1], [2], candidates, names)
+    v.check_anatomy_in_database([], [0], candidates, names)
     # anatomy not in the requested region: the message says where the database has it
-    with _raises(
-        "anatomy_list=['colon cancer primaries']",
-        "body_region=['head']",
-        "'colon cancer primaries' (27): abdomen, pelvis",
-    ):
-        v.check_anatomy_matches_regions([27], [0], CANDIDATES, label_names=names)
+    with _raises("anatomy_list=['colon cancer primaries']", "body_region=['head']", "'colon cancer primaries' (27): abdomen, pelvis"):
+        v.check_anatomy_in_database([27], [0], candidates, names)
     # each anatomy exists, but never together in one mask over the chest
-    with _raises(
-        "anatomy_list=['spleen', 'heart']", "body_region=['chest']", "'spleen' (3): abdomen", "'heart' (115): no mask at all"
-    ):
-        v.check_anatomy_matches_regions([3, 115], [1], CANDIDATES, label_names=names)
+    with _raises("anatomy_list=['spleen', 'heart']", "body_region=['chest']", "'spleen' (3): abdomen", "'heart' (115): no mask at all"):
+        v.check_anatomy_in_database([3, 115], [1], candidates, names)
     # the only chest mask holds a lung tumour that was not requested: it is skipped
     with _raises("anatomy_list=[28]", "body_region=['chest']", "tumour that is not in anatomy_list", "28: no mask at all"):
-        v.check_anatomy_matches_regions([28], [1], CANDIDATES)
-    assert v.check_anatomy_matches_regions([28], [1], CANDIDATES, exclude_unrequested_tumors=False) == [CANDIDATES[3]]
-    assert v.check_anatomy_matches_regions([28, 23], [1], CANDIDATES) == [CANDIDATES[3]]
-    # an entry without region information is not filtered on regions (as in masks.filter_candidates)
-    no_regions = [{"label_list": [1, 3]}]
-    assert v.check_anatomy_matches_regions([3], [0, 1, 2, 3], no_regions) == no_regions
+        v.check_anatomy_in_database([28], [1], candidates, {})
+    v.check_anatomy_in_database([28, 23], [1], candidates, names)
+    # an entry without region information is not filtered on regions, and is named as such
+    no_regions = _candidates(v, [{"label_list": [1, 3]}])
+    v.check_anatomy_in_database([3], [0, 1, 2, 3], no_regions, names)
+    with _raises("'spleen' (3): no mask at all (and masks without region information)"):
+        v.check_anatomy_in_database([3, 27], [2], no_regions, names)
     # reversed top/bottom still spans the regions in between
-    reversed_span = [{"label_list": [1], "top_region_index": [0, 0, 0, 1], "bottom_region_index": [0, 1, 0, 0]}]
-    assert v.check_anatomy_matches_regions([1], [2], reversed_span) == reversed_span
-    # parsed candidates (objects with label_ids and region_span, like masks.Candidate) work too
-    parsed = [SimpleNamespace(label_ids=frozenset({1, 27}), region_span=range(2, 4))]
-    assert v.check_anatomy_matches_regions([27], [3], parsed) == parsed
-    with _raises("27: abdomen, pelvis"):
-        v.check_anatomy_matches_regions([27], [0], parsed)
-    with _raises("candidate mask entry 0", "label_list"):
-        v.check_anatomy_matches_regions([1], [2], [{"labels": [1]}])
-    with _raises("candidate mask entry 0", "top_region_index"):
-        entry = {"label_list": [1], "top_region_index": [0, 0, 0, 0], "bottom_region_index": [0, 0, 1, 0]}
-        v.check_anatomy_matches_regions([1], [2], [entry])
+    reversed_span = _candidates(v, [{"label_list": [1], "top_region_index": [0, 0, 0, 1], "bottom_region_index": [0, 1, 0, 0]}])
+    v.check_anatomy_in_database([1], [2], reversed_span, names)
+    with _raises("candidate-mask database entry 0", "top_region_index"):
+        _candidates(v, [{"label_list": [1], "top_region_index": [0, 0, 0, 0], "bottom_region_index": [0, 0, 1, 0]}])
 
 
 def test_controllable_anatomy_size(v):
@@ -346,19 +366,22 @@ def test_cfg_and_steps(v):
             v.check_num_steps("num_inference_steps", bad, 1000)
 
 
-def test_sliding_window(v):
-    assert v.check_sliding_window([48, 48, 64], 0.6666, 4) == ((48, 48, 64), 0.6666, 4)
-    assert v.check_sliding_window(None, 0, None) == (None, 0.0, None)
+def test_decode_settings(v):
+    assert v.check_decode_settings([48, 48, 64], 0.6666, 4, 2.5) == v.DecodeSettings((48, 48, 64), 0.6666, 4, 2.5)
+    assert v.check_decode_settings(None, 0, None, None) == v.DecodeSettings(None, 0.0, None, None)
     with _raises("autoencoder_sliding_window_infer_size=[48, 48]", "3 integers"):
-        v.check_sliding_window([48, 48], 0.5, 4)
+        v.check_decode_settings([48, 48], 0.5, 4, None)
     with _raises("autoencoder_sliding_window_infer_size=[48, 0, 48]"):
-        v.check_sliding_window([48, 0, 48], 0.5, 4)
+        v.check_decode_settings([48, 0, 48], 0.5, 4, None)
     for overlap in (1.0, -0.1, None):
         with _raises("autoencoder_sliding_window_infer_overlap=", "[0, 1)"):
-            v.check_sliding_window([48, 48, 48], overlap, 4)
+            v.check_decode_settings([48, 48, 48], overlap, 4, None)
     for splits in (0, 2.0, "4"):
-        with _raises("autoencoder_tp_num_splits=", "integer >= 1"):
-            v.check_sliding_window([48, 48, 48], 0.5, splits)
+        with _raises("autoencoder_tp_num_splits=", "integer >= 1", "null (planned"):
+            v.check_decode_settings([48, 48, 48], 0.5, splits, None)
+    for budget in (0, -1, "2", float("nan")):
+        with _raises("memory_budget_gb=", "> 0 or null"):
+            v.check_decode_settings(None, 0.5, None, budget)
 
 
 def test_output_ext(v, monkeypatch):
@@ -367,14 +390,15 @@ def test_output_ext(v, monkeypatch):
     for bad in (".png", ".jpg", "", None, ".seg"):
         with _raises("image_output_ext=", "'.nii.gz'", "'.nrrd': 'itk'"):
             v.check_output_ext("image_output_ext", bad)
-    monkeypatch.setattr(v, "_backend_available", lambda module: module == "nibabel")
+    writers = importlib.import_module("scripts.writers")
+    monkeypatch.setattr(writers, "_backend_available", lambda module: module == "nibabel")
     with _raises("label_output_ext='.nrrd'", "'itk' package", "not installed", "['.nii.gz', '.nii']"):
-        v.check_output_ext("label_output_ext", ".nrrd")
+        writers.check_output_ext("label_output_ext", ".nrrd")
     with _raises("label_output_ext='.mha'", "'itk' package"):
-        v.check_output_ext("label_output_ext", ".mha")
-    monkeypatch.setattr(v, "_backend_available", lambda module: True)
-    assert v.check_output_ext("label_output_ext", ".nrrd") == ".nrrd"
-    assert v.check_output_ext("label_output_ext", "MHA") == ".mha"
+        writers.check_output_ext("label_output_ext", ".mha")
+    monkeypatch.setattr(writers, "_backend_available", lambda module: True)
+    assert writers.check_output_ext("label_output_ext", ".nrrd") == ".nrrd"
+    assert writers.check_output_ext("label_output_ext", "MHA") == ".mha"
     for dicom in (".dcm", "dcm"):  # refused even with itk: int16 volumes cannot be one DICOM file
         with _raises(f"label_output_ext={dicom!r} is not allowed", "DICOM", "'.nrrd'"):
             v.check_output_ext("label_output_ext", dicom)
@@ -391,150 +415,3 @@ def test_output_ext_matches_monai_writers(v):
         key = ext.lstrip(".")
         writers = image_writer.SUPPORTED_WRITERS.get(key) or image_writer.SUPPORTED_WRITERS[image_writer.EXT_WILDCARD]
         assert set(writers) & three_d, ext
-
-
-# --------------------------------------------------------------------------------------------------
-# entry points
-# --------------------------------------------------------------------------------------------------
-
-
-def _ct(v, **overrides):
-    kwargs = {
-        "version": "rflow-ct",
-        "output_size": [256, 256, 256],
-        "spacing": [1.5, 1.5, 2.0],
-        "label_dict_json": LABEL_DICT_JSON,
-        "modality_mapping_json": MODALITY_JSON,
-        "body_region": ["abdomen"],
-        "anatomy_list": ["liver"],
-    }
-    kwargs.update(overrides)
-    return v.validate_ct_generation_inputs(**kwargs)
-
-
-def test_validate_ct_returns_normalised_values(v):
-    result = _ct(
-        v,
-        body_region=["Abdomen", "pelvis/lower"],
-        anatomy_list=["liver", "Colon Cancer Primaries"],
-        modality="ct_contrast",
-        cfg_guidance_scale=2,
-        autoencoder_sliding_window_infer_size=[48, 48, 64],
-        autoencoder_sliding_window_infer_overlap=0.6666,
-        autoencoder_tp_num_splits=4,
-        label_output_ext="nii",
-        candidate_masks=CANDIDATES,
-    )
-    assert result == v.CTGenerationInputs(
-        version="rflow-ct",
-        output_size=(256, 256, 256),
-        spacing=(1.5, 1.5, 2.0),
-        region_indices=(2, 3),
-        anatomy_ids=(1, 27),
-        controllable_anatomy_size=(),
-        modality=3,
-        num_inference_steps=30,
-        mask_generation_num_inference_steps=1000,
-        cfg_guidance_scale=2.0,
-        autoencoder_sliding_window_infer_size=(48, 48, 64),
-        autoencoder_sliding_window_infer_overlap=0.6666,
-        autoencoder_tp_num_splits=4,
-        image_output_ext=".nii.gz",
-        label_output_ext=".nii",
-    )
-    assert not result.generates_mask
-    with pytest.raises(AttributeError):
-        result.version = "ddpm-ct"  # frozen
-
-
-def test_validate_ct_defaults_and_versions(v):
-    assert _ct(v).modality == 1 and _ct(v).num_inference_steps == 30 and _ct(v).cfg_guidance_scale == 0.0
-    ddpm = _ct(v, version="DDPM-CT")
-    assert ddpm.version == "ddpm-ct" and ddpm.modality is None and ddpm.num_inference_steps == 1000
-    assert _ct(v, version="ddpm-ct", modality="ct").modality is None
-    with _raises("modality='mri_t2'", "an MR modality", "CT generation"):
-        _ct(v, version="ddpm-ct", modality="mri_t2")
-    with _raises("version='rflow-cr'", "Did you mean 'rflow-ct'?", "['rflow-ct', 'ddpm-ct']"):
-        _ct(v, version="rflow-cr")
-    with _raises("version='rflow-mr'", "not a CT version"):
-        _ct(v, version="rflow-mr")
-    with _raises("modality='ct'", "modality_mapping_json"):
-        _ct(v, modality="ct", modality_mapping_json=None)
-    with _raises("num_inference_steps=0"):
-        _ct(v, num_inference_steps=0)
-    with _raises("mask_generation_num_inference_steps=2000"):
-        _ct(v, mask_generation_num_inference_steps=2000)
-    with _raises("image_output_ext='.png'"):
-        _ct(v, image_output_ext=".png")
-
-
-def test_validate_ct_controllable_sizes_replace_anatomy_list(v):
-    result = _ct(
-        v,
-        controllable_anatomy_size=[["hepatic tumor", 0.3], ["liver", 0.5], ["colon", -1]],
-        body_region=["not a region"],  # ignored, as in the model zoo
-        anatomy_list=["not an anatomy"],  # replaced by the organs of controllable_anatomy_size
-        candidate_masks=[],  # no database lookup on the mask-generation path
-    )
-    assert result.generates_mask
-    assert result.anatomy_ids == (26, 1, 62) and result.region_indices == ()
-    assert result.controllable_anatomy_size == (("hepatic tumor", 0.3), ("liver", 0.5), ("colon", -1.0))
-
-
-def test_validate_ct_reports_the_first_bad_input(v):
-    with _raises("output_size=[256, 256, 177]"):
-        _ct(v, output_size=[256, 256, 177])
-    with _raises("spacing=[0.75, 0.75, 1.0]", "field of view"):
-        _ct(v, spacing=[0.75, 0.75, 1.0])
-    with _raises("body_region=['abdomn']", "Did you mean 'abdomen'?"):
-        _ct(v, body_region=["abdomn"])
-    with _raises("anatomy_list=['livr']", "Did you mean 'liver'?"):
-        _ct(v, anatomy_list=["livr"])
-    with _raises("anatomy_list=['colon cancer primaries']", "body_region=['head']", "abdomen, pelvis"):
-        _ct(v, body_region=["head"], anatomy_list=["colon cancer primaries"], candidate_masks=CANDIDATES)
-    with _raises("label_dict_json=", "does not exist"):
-        _ct(v, label_dict_json=DATA / "nope.json")
-
-
-def _mr(v, **overrides):
-    kwargs = {
-        "version": "rflow-mr",
-        "output_size": [128, 256, 256],
-        "spacing": [1.25, 1.0, 1.0],
-        "modality": "mri_t1",
-        "modality_mapping_json": MODALITY_JSON,
-    }
-    kwargs.update(overrides)
-    return v.validate_mr_generation_inputs(**kwargs)
-
-
-def test_validate_mr(v):
-    assert _mr(v) == v.MRGenerationInputs(
-        version="rflow-mr",
-        output_size=(128, 256, 256),
-        spacing=(1.25, 1.0, 1.0),
-        modality=9,
-        num_inference_steps=30,
-        cfg_guidance_scale=15.0,
-        autoencoder_sliding_window_infer_size=None,
-        autoencoder_sliding_window_infer_overlap=0.25,
-        autoencoder_tp_num_splits=None,
-        image_output_ext=".nii.gz",
-    )
-    brain = _mr(v, version="rflow-mr-brain", output_size=[256, 256, 128], spacing=[0.94, 0.94, 1.36], modality=11)
-    assert brain.cfg_guidance_scale == 2.0 and brain.modality == 11
-    assert _mr(v, cfg_guidance_scale=0).cfg_guidance_scale == 0.0
-    with _raises("modality='ct'", "a CT modality", "MR generation", "maisi_ct_generative"):
-        _mr(v, modality="ct")
-    with _raises("modality=None", "mri_t1"):
-        _mr(v, modality=None)
-    with _raises("version='rflow-ct'", "not an MR version"):
-        _mr(v, version="rflow-ct")
-    with _raises("output_size=[512, 512, 512]", "z=512"):
-        _mr(v, output_size=[512, 512, 512])
-    with _raises("spacing=[0.2, 1.0, 1.0]", "[0.4, 5.0]"):
-        _mr(v, spacing=[0.2, 1.0, 1.0])
-    with _raises("anatomy_list=['brain']", "image-only"):
-        _mr(v, anatomy_list=["brain"])
-    with _raises("controllable_anatomy_size=", "image-only"):
-        _mr(v, controllable_anatomy_size=[["liver", 0.5]])

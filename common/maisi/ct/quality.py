@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Decoded-image intensities (CT HU, MR units) and the CT quality check with bounded, explicit retries.
+The CT quality check with bounded, explicit retries.
 
 The quality check compares the median HU inside each organ group of ``constants.QC_LABEL_GROUPS`` with
 the organ's range from ``image_median_statistics_ct.json``. Organs absent from the mask are reported as
@@ -25,32 +25,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from monai.config import NdarrayOrTensor
 from monai.utils import convert_to_numpy
 
-from .constants import (
-    BACKGROUND_LABEL,
-    CT_BACKGROUND_HU,
-    CT_HU_MAX,
-    CT_HU_MIN,
-    MR_SCALE,
-    QC_LABEL_GROUPS,
-    TUMOR_LABELS,
-)
+from .constants import CT_HU_MAX, QC_LABEL_GROUPS, TUMOR_LABELS
 from .labels import default_data_path, load_json
 
 __all__ = [
     "CT_STATISTICS_FILENAME",
+    "CTQualityCheck",
     "QualityReport",
     "check_ct_quality",
-    "finalize_ct",
-    "finalize_mr",
     "generate_with_quality_check",
     "load_ct_statistics",
     "organ_hu_range",
-    "to_ct_hu",
-    "to_mr_intensity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,8 +48,6 @@ CT_STATISTICS_FILENAME = "image_median_statistics_ct.json"
 _RANGE_KEYS = ("sigma_6_low", "percentile_0_5", "sigma_6_high", "percentile_99_5")
 # Organs whose upper bound is the top of the HU range (dense bone medians are legitimately very high).
 _OPEN_ENDED_ORGANS = frozenset({"bone"})
-_MR_BACKGROUND = 0.0  # MR intensities are non-negative; background is the lower bound
-_INT16_MAX = float(np.iinfo(np.int16).max)
 
 ImageT = TypeVar("ImageT")
 LabelsT = TypeVar("LabelsT")
@@ -163,6 +149,26 @@ class QualityReport:
     def failed_organs(self) -> list[str]:
         """Names of the organs whose median HU is out of range."""
         return [name for name, result in self.organs.items() if not result["passed"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        The report as plain data for the run report.
+
+        Returns
+        -------
+        dict[str, Any]
+            ``{"passed", "attempts", "organs": {organ: {"median", "low", "high", "voxels", "passed"}},
+            "failed_organs", "skipped", "no_statistics", "summary"}``.
+        """
+        return {
+            "passed": bool(self.passed),
+            "attempts": int(self.attempts),
+            "organs": {name: dict(result) for name, result in self.organs.items()},
+            "failed_organs": self.failed_organs,
+            "skipped": list(self.skipped),
+            "no_statistics": list(self.no_statistics),
+            "summary": self.summary(),
+        }
 
     def summary(self) -> str:
         """One line for logs: verdict, failing organs with their medians and ranges, skipped and unchecked."""
@@ -280,109 +286,22 @@ def generate_with_quality_check(
     return image, labels, report, int(max_attempts)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Intensities
-# ----------------------------------------------------------------------------------------------------
-
-
-def _float(image: NdarrayOrTensor) -> NdarrayOrTensor:
-    """float64 stays float64; anything else (fp16, bf16, ints) becomes float32 before scaling."""
-    if isinstance(image, torch.Tensor):
-        return image if image.dtype == torch.float64 else image.to(torch.float32)
-    return image if image.dtype == np.float64 else np.asarray(image, dtype=np.float32)
-
-
-def _clip(image: NdarrayOrTensor, low: float, high: float) -> NdarrayOrTensor:
-    return torch.clamp(image, low, high) if isinstance(image, torch.Tensor) else np.clip(image, low, high)
-
-
-def _set_background(image: NdarrayOrTensor, labels: NdarrayOrTensor, value: float) -> NdarrayOrTensor:
-    if isinstance(image, torch.Tensor):
-        background = torch.as_tensor(labels, device=image.device) == BACKGROUND_LABEL
-        return image.masked_fill(background, value)
-    return np.where(convert_to_numpy(labels) == BACKGROUND_LABEL, np.asarray(value, dtype=image.dtype), image)
-
-
-def _round_int16(image: NdarrayOrTensor) -> NdarrayOrTensor:
-    if isinstance(image, torch.Tensor):
-        return torch.round(image).to(torch.int16)
-    return np.round(image).astype(np.int16)
-
-
-def _finalize(image: NdarrayOrTensor, labels: NdarrayOrTensor, background: float, low: float, high: float) -> NdarrayOrTensor:
-    """Set label 0 to ``background``, clip to ``[low, high]``, round to int16 (the last step of CT and MR)."""
-    return _round_int16(_clip(_set_background(_float(image), labels, background), low, high))
-
-
-def to_ct_hu(decoded: NdarrayOrTensor) -> NdarrayOrTensor:
+class CTQualityCheck:
     """
-    Map the autoencoder output to HU: clip to ``[0, 1]``, then scale to ``[CT_HU_MIN, CT_HU_MAX]``.
+    The quality check of generated CT pairs as a config component: organ HU medians against the statistics.
 
     Parameters
     ----------
-    decoded
-        Decoded image, nominally in ``[0, 1]``.
-
-    Returns
-    -------
-    NdarrayOrTensor
-        Float HU image (float32, or float64 for float64 input).
+    statistics
+        ``image_median_statistics_ct.json`` (the ``real_img_median_statistics`` id).
+    max_attempts
+        ``quality_check_max_attempts``: how often a failing sample is regenerated (new seed, new mask draw).
     """
-    return _clip(_float(decoded), 0.0, 1.0) * (CT_HU_MAX - CT_HU_MIN) + CT_HU_MIN
 
+    def __init__(self, statistics: str | Path, max_attempts: int = 3) -> None:
+        self.statistics = load_ct_statistics(statistics)
+        self.max_attempts = int(max_attempts)
 
-def finalize_ct(image_hu: NdarrayOrTensor, labels: NdarrayOrTensor) -> NdarrayOrTensor:
-    """
-    Final CT image: background (label 0) set to ``CT_BACKGROUND_HU``, clipped to HU range, rounded, int16.
-
-    Parameters
-    ----------
-    image_hu
-        HU image, e.g. from :func:`to_ct_hu`.
-    labels
-        Label map broadcastable to the image.
-
-    Returns
-    -------
-    NdarrayOrTensor
-        int16 image.
-    """
-    return _finalize(image_hu, labels, CT_BACKGROUND_HU, CT_HU_MIN, CT_HU_MAX)
-
-
-def to_mr_intensity(decoded: NdarrayOrTensor) -> NdarrayOrTensor:
-    """
-    Map the autoencoder output to MR units: ``x * MR_SCALE``, clipped to ``[0, int16 max]``.
-
-    Values above 1 (above the 99.5th percentile of training intensities) are kept, up to what int16 holds.
-
-    Parameters
-    ----------
-    decoded
-        Decoded image.
-
-    Returns
-    -------
-    NdarrayOrTensor
-        Float MR image.
-    """
-    return _clip(_float(decoded) * MR_SCALE, _MR_BACKGROUND, _INT16_MAX)
-
-
-def finalize_mr(image: NdarrayOrTensor, labels: NdarrayOrTensor) -> NdarrayOrTensor:
-    """
-    Final MR image: background (label 0) set to 0, clipped to ``[0, int16 max]``, rounded, int16.
-
-    Parameters
-    ----------
-    image
-        MR image, e.g. from :func:`to_mr_intensity`.
-    labels
-        Label map broadcastable to the image.
-
-    Returns
-    -------
-    NdarrayOrTensor
-        int16 image.
-    """
-    return _finalize(image, labels, _MR_BACKGROUND, _MR_BACKGROUND, _INT16_MAX)
+    def __call__(self, image_hu: NdarrayOrTensor, labels: NdarrayOrTensor) -> QualityReport:
+        """Check one pair (see :func:`check_ct_quality`)."""
+        return check_ct_quality(image_hu, labels, self.statistics)
