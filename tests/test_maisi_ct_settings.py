@@ -172,17 +172,35 @@ def test_missing_weights_listed_with_the_download_command(workspace, no_weights)
         _overrides(workspace, trained_controlnet_path=str(workspace / "absent.pt")),
         "trained_controlnet_path=", "absent.pt", "python -m scripts.download", error=FileNotFoundError,
     )
+    text = _refused(
+        {"bundle_root": str(BUNDLE), "model_dir": str(workspace / "no_models"), "dataset_dir": str(workspace / "no_data"), "output_dir": str(workspace / "out")},
+        "missing file(s): trained_autoencoder_path=", error=FileNotFoundError,
+    )
+    assert "trained_controlnet_path=" in text and "all_mask_files_json=" in text and "all_mask_files_base_dir=" in text
+
+
+def test_user_mask_files_are_checked(workspace, no_weights):
+    fractional = np.zeros((8, 8, 8), dtype=np.float32)
+    fractional[2:4, 2:4, 2:4] = 1.5
+    nib.save(nib.Nifti1Image(fractional, np.eye(4)), str(workspace / "fractional.nii.gz"))
+    _refused(_overrides(workspace, mask_path=str(workspace / "fractional.nii.gz")), "mask_path=", "non-integer or negative values")
+    _refused(_overrides(workspace, mask_path=str(workspace / "absent.nii.gz")), "mask_path=", "does not exist")
 
 
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [
         ({"version": "rflow-cr"}, ["version='rflow-cr'", "Did you mean 'rflow-ct'?"]),
+        ({"output_size": [256, 384, 256]}, ["output_size=[256, 384, 256]", "must be equal"]),
+        ({"spacing": [1.5, 1.5, 9.0]}, ["spacing=[1.5, 1.5, 9.0]", "z=9.0"]),
+        ({"controllable_anatomy_size": [["hepatic tumor", 0.3], ["bone lesion", 0.2]]}, ["2 tumours"]),
+        ({"controllable_anatomy_size": [["liver", 0.5]] * 11}, ["controllable_anatomy_size has 11 entries"]),
+        ({"controllable_anatomy_size": [["liver", 1.5]]}, ["must be in [0, 1] or exactly -1"]),
         ({"output_size": [256, 256, 177]}, ["output_size=[256, 256, 177]", "z=177"]),
         ({"spacing": [0.75, 0.75, 1.0]}, ["spacing=[0.75, 0.75, 1.0]", "field of view"]),
         ({"body_region": ["abdomn"]}, ["body_region=['abdomn']", "Did you mean 'abdomen'?"]),
         ({"anatomy_list": ["livr"]}, ["anatomy_list=['livr']", "Did you mean 'liver'?"]),
-        ({"modality": "mri_t2"}, ["modality='mri_t2'", "an MR modality"]),
+        ({"modality": "mri_t2"}, ["modality='mri_t2'", "an MR modality", "maisi_mr_generative"]),
         ({"num_inference_steps": 0}, ["num_inference_steps=0", "[1, 1000]"]),
         ({"cfg_guidance_scale": -1}, ["cfg_guidance_scale=-1"]),
         ({"autoencoder_tp_num_splits": 0}, ["autoencoder_tp_num_splits=0", "planned"]),

@@ -1,4 +1,4 @@
-"""Unit tests of the shared MAISI label logic (common/maisi/scripts/labels.py)."""
+"""Unit tests of the MAISI label logic (core/labels.py) and the mask generator's channel table (ct/mask_channels.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ LEFT_KIDNEY_CYST, RIGHT_KIDNEY_CYST = 116, 117
 @pytest.fixture(scope="module")
 def maisi():
     with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
-        yield importlib.import_module("scripts.labels"), importlib.import_module("scripts.constants")
+        yield tuple(importlib.import_module(f"scripts.{name}") for name in ("labels", "constants", "mask_channels"))
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,11 @@ def labels(maisi):
 @pytest.fixture(scope="module")
 def constants(maisi):
     return maisi[1]
+
+
+@pytest.fixture(scope="module")
+def mask_channels(maisi):
+    return maisi[2]
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -70,17 +75,36 @@ def test_load_json_errors_name_the_file(labels, tmp_path):
 
 
 def test_one_label_dict_reader(labels, tmp_path):
-    """labels.load_label_dict reads a file with validation's reader; it only adds the packaged default."""
-    validation = importlib.import_module("scripts.validation")
+    """load_label_dict reads a file with load_name_to_code (as the modality mapping does); it only adds the packaged default."""
     custom = tmp_path / "custom.json"
     custom.write_text('{"liver": 1, "body": 200, "brain tumor core": 401}')
-    assert labels.load_label_dict(custom) == validation.load_label_dict(custom) == {"liver": 1, "body": 200, "brain tumor core": 401}
+    expected = {"liver": 1, "body": 200, "brain tumor core": 401}
+    assert labels.load_label_dict(custom) == labels.load_name_to_code(custom, "label_dict_json", minimum=1) == expected
     packaged = labels.load_label_dict()
-    assert packaged == validation.load_label_dict(labels.default_data_path(labels.LABEL_DICT_FILENAME))
+    assert packaged == labels.load_name_to_code(labels.default_data_path(labels.LABEL_DICT_FILENAME), "label_dict_json", 1)
     packaged["liver"] = -1  # a copy: the cached packaged dictionary is unchanged
     assert labels.load_label_dict()["liver"] == 1
     with pytest.raises(ValueError, match=r"label_dict_json=.*absent\.json.*does not exist"):
         labels.load_label_dict(tmp_path / "absent.json")
+
+
+def test_load_name_to_code_names_the_id_and_the_bad_entries(labels, tmp_path):
+    codes = tmp_path / "codes.json"
+    codes.write_text('{"unknown": 0, "ct": 1, "mri": 8}')
+    assert labels.load_name_to_code(codes, "modality_mapping_json", minimum=0) == {"unknown": 0, "ct": 1, "mri": 8}
+    with pytest.raises(ValueError, match=r"label_dict_json=.*codes\.json.*not integers >= 1: \{'unknown': 0\}"):
+        labels.load_name_to_code(codes, "label_dict_json", minimum=1)
+    for content in ("[1, 2]", "{}", '{"liver": true}', '{"liver": 1.5}'):
+        codes.write_text(content)
+        with pytest.raises(ValueError, match="label_dict_json="):
+            labels.load_name_to_code(codes, "label_dict_json", minimum=1)
+
+
+def test_format_ids_shortens_long_lists(labels):
+    assert labels.format_ids([401, 402]) == "401, 402"
+    assert labels.format_ids([]) == ""
+    assert labels.format_ids(list(range(25))) == ", ".join(str(i) for i in range(20)) + ", ... (25 ids)"
+    assert labels.format_ids(list(range(5)), limit=2) == "0, 1, ... (5 ids)"
 
 
 # ---------------------------------------------------------------------------------------------------- ControlNet bits
@@ -259,20 +283,38 @@ def test_label_output_dtype(labels):
         labels.label_output_dtype(40000)
 
 
-def test_mask_logits_to_labels_uses_the_channel_table(labels):
+def test_mask_logits_to_labels_uses_the_channel_table(mask_channels):
     table = {"background": [0, 0], "liver": [1, LIVER], "body": [2, BODY]}
     winners = torch.tensor([[0, 1], [2, 1]])  # channel with the largest logit per voxel
     logits = torch.nn.functional.one_hot(winners, 3).permute(2, 0, 1).float()[None, ..., None] * 5.0 - 1.0
     expected = torch.tensor([[0, LIVER], [BODY, LIVER]])[None, None, ..., None]
-    result = labels.mask_logits_to_labels(logits, table)
+    result = mask_channels.mask_logits_to_labels(logits, table)
     assert result.shape == (1, 1, 2, 2, 1)
     assert torch.equal(result, expected)
-    assert torch.equal(labels.mask_logits_to_labels(torch.softmax(logits, dim=1), {0: 0, 1: LIVER, 2: BODY}), expected)
+    assert torch.equal(mask_channels.mask_logits_to_labels(torch.softmax(logits, dim=1), {0: 0, 1: LIVER, 2: BODY}), expected)
     with pytest.raises(ValueError, match="missing channels 2"):
-        labels.mask_logits_to_labels(logits, {"background": [0, 0], "liver": [1, LIVER]})
+        mask_channels.mask_logits_to_labels(logits, {"background": [0, 0], "liver": [1, LIVER]})
+    with pytest.raises(ValueError, match="channels beyond the output 3"):
+        mask_channels.mask_logits_to_labels(logits, {0: 0, 1: LIVER, 2: BODY, 3: SKULL})
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\)"):
+        mask_channels.mask_logits_to_labels(torch.zeros(3, 4), table)
 
 
-def test_packaged_channel_table(labels):
-    table = labels.load_channel_table()
+def test_channel_table_entries_are_checked(mask_channels):
+    assert mask_channels.channel_to_label_table({"body": [2, BODY], "1": LIVER}) == {2: BODY, 1: LIVER}
+    with pytest.raises(ValueError, match=r"entry 'liver' must be \[channel, label_id\]"):
+        mask_channels.channel_to_label_table({"liver": [1, LIVER, 3]})
+    with pytest.raises(ValueError, match="channel 1 is mapped twice"):
+        mask_channels.channel_to_label_table({"liver": [1, LIVER], "spleen": [1, 3]})
+    with pytest.raises(ValueError, match="non-negative"):
+        mask_channels.channel_to_label_table({"liver": [-1, LIVER]})
+
+
+def test_packaged_channel_table(mask_channels, tmp_path):
+    table = mask_channels.load_channel_table()
     assert sorted(table) == list(range(125))
     assert table[0] == 0 and table[1] == LIVER and table[2] == 3 and table[122] == 129 and table[124] == BODY
+    broken = tmp_path / "channels.json"
+    broken.write_text('{"liver": [1, 1], "spleen": [1, 3]}')
+    with pytest.raises(ValueError, match=r"channels\.json: channel 1 is mapped twice"):
+        mask_channels.load_channel_table(broken)

@@ -1,4 +1,4 @@
-"""Tests of the shared MAISI mask generator (Path A): size condition, sampling, decode, post-processing, resampling."""
+"""Tests of the CT mask generator (Path A, ct/mask_generation.py): size condition, sampling, decode, post-processing, resampling."""
 
 from __future__ import annotations
 
@@ -188,6 +188,21 @@ def test_latent_is_seeded_by_the_generator(mg, networks):
     assert first.shape == (1, *LATENT_SHAPE) and first.dtype == torch.float32
     assert torch.equal(first, latent(3))
     assert not torch.equal(first, latent(4))
+
+
+def test_latent_sampling_rejects_bad_inputs_before_sampling(mg, networks):
+    condition = mg.size_condition_vector(REQUEST, DATABASE)
+    unet, scheduler = networks.diffusion_unet, networks.noise_scheduler
+    cpu = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="random generator is on 'cpu' but sampling runs on 'cuda'"):
+        mg.generate_mask_latent(unet, scheduler, condition, LATENT_SHAPE, cpu, "cuda", STEPS)
+    for steps in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"mask_generation_num_inference_steps={steps!r}"):
+            mg.generate_mask_latent(unet, scheduler, condition, LATENT_SHAPE, cpu, "cpu", steps)
+    with pytest.raises(ValueError, match=r"finite \(1, 1, 10\) tensor"):
+        mg.generate_mask_latent(unet, scheduler, condition[..., :9], LATENT_SHAPE, cpu, "cpu", STEPS)
+    with pytest.raises(ValueError, match=r"mask_generation_latent_shape=\[8, 8, 8\] is not allowed"):
+        mg.generate_mask_latent(unet, scheduler, condition, LATENT_SHAPE[1:], cpu, "cpu", STEPS)
 
 
 def test_decode_mask_is_argmax_mapped_to_maisi_ids(mg, networks):

@@ -1,10 +1,12 @@
-"""Tests of the shared MAISI mask retrieval (candidate database, Path B) and mask augmentation, on a synthetic database."""
+"""Tests of the CT candidate-mask database (Path B: mask_database) and mask augmentation (mask_augmentation), on a synthetic database."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -23,9 +25,26 @@ CHEST_TO_ABDOMEN = {"top_region_index": [0, 1, 0, 0], "bottom_region_index": [0,
 
 
 @pytest.fixture(scope="module")
-def masks():
+def maisi():
     with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
-        yield importlib.import_module("scripts.masks")
+        yield tuple(importlib.import_module(f"scripts.{name}") for name in ("mask_database", "mask_augmentation", "label_io"))
+
+
+@pytest.fixture(scope="module")
+def masks(maisi):
+    """The candidate-mask database: reading, unpacking, filtering, ranking, retrieval."""
+    return maisi[0]
+
+
+@pytest.fixture(scope="module")
+def augmentation(maisi):
+    return maisi[1]
+
+
+@pytest.fixture(scope="module")
+def label_io(maisi):
+    """Label files (core): loading in RAS as integer ids, spacing, resampling."""
+    return maisi[2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,6 +245,28 @@ def test_requested_tumor_mask_is_retrieved(masks, database):
     assert found.source == "liver_tumor.nii.gz" and bool((found.mask == HEPATIC_TUMOR).any())
 
 
+def test_label_files_load_in_ras_as_integer_ids(label_io, tmp_path):
+    volume = np.zeros((4, 3, 2), dtype=np.float32)
+    volume[0, 1, 1], volume[3, 2, 0] = LIVER, 401.0  # ids above 255 are kept (MR masks)
+    nib.save(nib.Nifti1Image(volume, np.diag([-1.5, 2.0, 2.5, 1.0])), tmp_path / "las.nii.gz")  # x grows to the left
+    mask = label_io.load_label_file(tmp_path / "las.nii.gz", strict=True)
+    assert isinstance(mask, MetaTensor) and mask.dtype == label_io.MASK_DTYPE and mask.shape == (1, 4, 3, 2)
+    np.testing.assert_array_equal(mask[0].numpy(), volume[::-1].astype(np.int16))  # flipped to RAS
+    assert label_io.mask_spacing(mask) == pytest.approx((1.5, 2.0, 2.5)) and np.asarray(mask.affine)[0, 0] > 0
+    assert label_io.has_geometry(mask, (4, 3, 2), (1.5, 2.0, 2.5 + 0.9e-3))
+    assert not label_io.has_geometry(mask, (4, 3, 2), (1.5, 2.0, 2.5 + 2e-3)) and not label_io.has_geometry(mask, (4, 3, 3), (1.5, 2.0, 2.5))
+    for bad, name in ((0.5, "fraction"), (-1.0, "negative")):
+        volume[1, 1, 1] = bad
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / f"{name}.nii.gz")
+        with pytest.raises(ValueError, match="non-integer or negative values"):
+            label_io.load_label_file(tmp_path / f"{name}.nii.gz", strict=True)
+    assert label_io.load_label_file(tmp_path / "fraction.nii.gz")[0, 1, 1, 1] == 0  # rounded without strict
+    resampled = label_io.resample_mask(mask, (3.0, 2.0, 2.5), (2, 5, 2))
+    assert resampled.shape == (1, 2, 5, 2) and resampled.dtype == label_io.MASK_DTYPE
+    assert label_io.mask_spacing(resampled) == pytest.approx((3.0, 2.0, 2.5))
+    assert set(torch.unique(resampled).tolist()) <= {0, LIVER, 401}  # nearest neighbour: no new ids
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Missing files and zip extraction
 # ----------------------------------------------------------------------------------------------------------
@@ -245,25 +286,109 @@ def test_missing_database_or_folder_names_the_config_ids(masks, tmp_path):
         masks.load_candidate_database(tmp_path / "dict.json", tmp_path / "masks")
 
 
-@pytest.mark.parametrize("nested", [True, False])
-def test_mask_folder_is_extracted_once_from_its_zip(masks, tmp_path, monkeypatch, nested):
-    json_path, folder = _write_database(tmp_path / "src")
-    archive = tmp_path / "all_masks"
-    if nested:  # the archive holds the folder itself
-        shutil.make_archive(str(archive), "zip", root_dir=folder.parent, base_dir=folder.name)
-    else:  # the archive holds the files directly
-        shutil.make_archive(str(archive), "zip", root_dir=folder)
-    calls = []
-    original = masks.extractall
-    monkeypatch.setattr(masks, "extractall", lambda **kwargs: calls.append(kwargs) or original(**kwargs))
+def _zip_masks(folder: Path, archive: Path, nested: bool) -> Path:
+    """``<archive>.zip`` of the mask folder: holding the folder itself (nested) or its files directly."""
+    if nested:
+        return Path(shutil.make_archive(str(archive), "zip", root_dir=folder.parent, base_dir=folder.name))
+    return Path(shutil.make_archive(str(archive), "zip", root_dir=folder))
 
+
+@pytest.fixture
+def count_extraction(monkeypatch):
+    calls = []
+    original = zipfile.ZipFile.extract
+    monkeypatch.setattr(zipfile.ZipFile, "extract", lambda self, member, *a, **k: calls.append(member) or original(self, member, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_mask_folder_is_extracted_once_from_its_zip(masks, tmp_path, count_extraction, nested):
+    json_path, folder = _write_database(tmp_path / "src")
+    archive = _zip_masks(folder, tmp_path / "all_masks", nested)
     target = tmp_path / "all_masks"
-    first = masks.load_candidate_database(json_path, target)
-    second = masks.load_candidate_database(json_path, target)
-    assert len(calls) == 1
+    assert masks.mask_archive(target) == archive
+    first = masks.load_candidate_database(json_path, target, progress=False)
+    members = len(count_extraction)
+    assert members == len(zipfile.ZipFile(archive).infolist())  # every member, once
+    second = masks.load_candidate_database(json_path, target, progress=False)
+    assert len(count_extraction) == members  # the folder exists: nothing is unpacked again
     assert all(c.path.is_file() for c in first) and len(first) == len(second) == 7
     assert (target / "sub" / "loses_spleen.nii.gz").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all_masks", "all_masks.zip", "src"]  # no staging left
+
+
+def test_interrupted_unpacking_leaves_no_mask_folder(masks, tmp_path, monkeypatch):
+    _, folder = _write_database(tmp_path / "src")
+    archive = _zip_masks(folder, tmp_path / "all_masks", nested=True)
+    target = tmp_path / "all_masks"
+    original, extracted = zipfile.ZipFile.extract, []
+
+    def interrupted(self, member, *args, **kwargs):
+        if len(extracted) == 3:
+            raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a long unpacking
+        extracted.append(member)
+        return original(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        masks.prepare_mask_folder(target, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all_masks.zip", "src"]  # no half-filled folder, no staging
+    monkeypatch.undo()
+    assert masks.prepare_mask_folder(target, progress=False) == target  # the next run unpacks it all
+    assert masks.missing_mask_files(masks.parse_database(json.loads((tmp_path / "src" / "candidates.json").read_text()), target), target) == []
+    assert archive.is_file()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("nested", [True, False])
+def test_unpacked_mask_folder_gets_umask_permissions(masks, tmp_path, nested):
+    _, folder = _write_database(tmp_path / "src")
+    _zip_masks(folder, tmp_path / "all_masks", nested)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = masks.prepare_mask_folder(tmp_path / "all_masks", progress=False)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others like any folder, not mkdtemp's 0700
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_missing_mask_files_reads_the_zip_member_list_without_unpacking(masks, tmp_path, count_extraction, nested):
+    json_path, folder = _write_database(tmp_path / "src")
+    _zip_masks(folder, tmp_path / "all_masks", nested)
+    target = tmp_path / "all_masks"
+    entries = masks.read_database_entries(json_path)
+    other_release = [*entries, {**entries[0], "pseudo_label_filename": "sub/not_in_this_release.nii.gz"}]
+    candidates = masks.parse_database(other_release, target)
+    assert masks.missing_mask_files(candidates, target) == ["sub/not_in_this_release.nii.gz"]
+    assert count_extraction == [] and not target.exists()  # checked against the archive's names only
+    masks.prepare_mask_folder(target, progress=False)
+    (target / "exact_b.nii.gz").unlink()
+    assert masks.missing_mask_files(candidates, target) == ["exact_b.nii.gz", "sub/not_in_this_release.nii.gz"]
+    with pytest.raises(FileNotFoundError, match="all_mask_files_base_dir=.*nowhere.*nowhere.zip"):
+        masks.missing_mask_files(candidates, tmp_path / "nowhere")
+
+
+def test_database_entries_are_checked(masks, tmp_path):
+    entry = {"pseudo_label_filename": "a.nii.gz", "spacing": [1, 1, 1], "dim": [8, 8, 8], "label_list": [1]}
+    (candidate,) = masks.parse_database([entry], tmp_path)
+    assert candidate.region_span is None and candidate.path == tmp_path / "a.nii.gz"
+    with pytest.raises(ValueError, match=r"entry 1 lacks \['dim'\]"):
+        masks.parse_database([entry, {k: v for k, v in entry.items() if k != "dim"}], tmp_path)
+    with pytest.raises(ValueError, match="entry 0: `spacing` and `dim` need 3 values"):
+        masks.parse_database([{**entry, "spacing": [1, 1]}], tmp_path)
+    with pytest.raises(ValueError, match="entry 0: `top_region_index` .* has no non-zero entry"):
+        masks.parse_database([{**entry, "top_region_index": [0, 0, 0, 0]}], tmp_path)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="all_mask_files_json=.*broken.json.*not a readable JSON file"):
+        masks.read_database_entries(tmp_path / "broken.json")
+
+
+def test_regions_by_anatomy_leaves_out_masks_with_excluded_tumors(masks, database):
+    regions = masks.regions_by_anatomy(database)
+    assert regions[LIVER] == frozenset({0, 1, 2}) and regions[HEPATIC_TUMOR] == frozenset({1, 2})
+    without_tumors = masks.regions_by_anatomy(database, exclude_tumors=[HEPATIC_TUMOR, BONE_LESION])
+    assert HEPATIC_TUMOR not in without_tumors and BONE_LESION not in without_tumors
+    (unknown,) = masks.parse_database([{"pseudo_label_filename": "a", "spacing": [1] * 3, "dim": [8] * 3, "label_list": [5]}], ".")
+    assert masks.regions_by_anatomy([unknown]) == {5: frozenset({None})}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,12 +413,12 @@ def _liver_with_tumor() -> MetaTensor:
     return _meta(volume)
 
 
-def test_hepatic_tumor_moves_inside_the_liver_reproducibly(masks):
+def test_hepatic_tumor_moves_inside_the_liver_reproducibly(augmentation):
     mask = _liver_with_tumor()
     before = mask.clone()
-    out, result = masks.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(3), device="cpu")
-    again, _ = masks.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(3), device="cpu")
-    other, _ = masks.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(4), device="cpu")
+    out, result = augmentation.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(3), device="cpu")
+    again, _ = augmentation.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(3), device="cpu")
+    other, _ = augmentation.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(4), device="cpu")
 
     assert torch.equal(mask, before)  # input untouched
     assert result.augmented and result.kind == "tumor" and result.tumor_id == HEPATIC_TUMOR and 1 <= result.attempts <= 40
@@ -314,9 +439,9 @@ def _bone_with_lesion() -> MetaTensor:
     return _meta(volume)
 
 
-def test_bone_lesion_stays_in_bone_and_its_spot_is_refilled(masks):
+def test_bone_lesion_stays_in_bone_and_its_spot_is_refilled(augmentation):
     mask = _bone_with_lesion()
-    out, result = masks.augment_tumor(mask, BONE_LESION, np.random.default_rng(0), device="cpu")
+    out, result = augmentation.augment_tumor(mask, BONE_LESION, np.random.default_rng(0), device="cpu")
     assert result.augmented
     lesion = out == BONE_LESION
     assert bool(torch.isin(mask[lesion], torch.tensor([BONE, BONE_LESION], dtype=torch.int16)).all())
@@ -326,13 +451,13 @@ def test_bone_lesion_stays_in_bone_and_its_spot_is_refilled(masks):
     assert bool((out[:, :, :, 44:] == 0).all())  # RandAffine has no z motion for bone lesions
 
 
-def test_lung_tumor_spot_is_refilled_with_the_surrounding_lobe(masks):
+def test_lung_tumor_spot_is_refilled_with_the_surrounding_lobe(augmentation):
     volume = np.zeros((48, 48, 48), dtype=np.int16)
     volume[4:24, 6:42, 6:42] = 28
     volume[24:44, 6:42, 6:42] = 30
     volume[_sphere(volume.shape, (34, 24, 24), 4)] = LUNG_TUMOR
     mask = _meta(volume)
-    out, result = masks.augment_tumor(mask, LUNG_TUMOR, np.random.default_rng(1), device="cpu")
+    out, result = augmentation.augment_tumor(mask, LUNG_TUMOR, np.random.default_rng(1), device="cpu")
     assert result.augmented and result.size_ratio >= 0.85
     tumor = out == LUNG_TUMOR
     vacated = (mask == LUNG_TUMOR) & ~tumor
@@ -340,47 +465,52 @@ def test_lung_tumor_spot_is_refilled_with_the_surrounding_lobe(masks):
     assert bool(torch.isin(mask[tumor], torch.tensor([28, 30, LUNG_TUMOR], dtype=torch.int16)).all())
 
 
-def test_impossible_augmentation_gives_up_unchanged(masks):
+def test_impossible_augmentation_gives_up_unchanged(augmentation):
     volume = np.zeros((48, 48, 48), dtype=np.int16)
     tumor = _sphere(volume.shape, (24, 24, 24), 4)
     volume[_sphere(volume.shape, (24, 24, 24), 5)] = LIVER  # a liver barely larger than its tumour
     volume[tumor] = HEPATIC_TUMOR
     mask = _meta(volume)
-    out, result = masks.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(0), device="cpu", max_attempts=4)
+    out, result = augmentation.augment_tumor(mask, HEPATIC_TUMOR, np.random.default_rng(0), device="cpu", max_attempts=4)
     assert not result.augmented and result.attempts == 4 and torch.equal(out, mask)
     assert result.size_ratio < 0.8 and "4 attempts" in result.message
 
     no_liver = _meta(np.where(tumor, HEPATIC_TUMOR, 0).astype(np.int16))
-    out, result = masks.augment_tumor(no_liver, HEPATIC_TUMOR, np.random.default_rng(0))
+    out, result = augmentation.augment_tumor(no_liver, HEPATIC_TUMOR, np.random.default_rng(0))
     assert not result.augmented and result.attempts == 0 and torch.equal(out, no_liver)
     with pytest.raises(ValueError, match="supported ids"):
-        masks.augment_tumor(mask, LIVER, np.random.default_rng(0))
+        augmentation.augment_tumor(mask, LIVER, np.random.default_rng(0))
 
 
-def test_augment_mask_dispatches(masks):
+def test_augment_mask_dispatches(augmentation):
     mask = _bone_with_lesion()
-    out, reports = masks.augment_mask(mask, np.random.default_rng(3), device="cpu")
-    expected, _ = masks.augment_tumor(mask, BONE_LESION, np.random.default_rng(3), device="cpu")
+    out, reports = augmentation.augment_mask(mask, np.random.default_rng(3), device="cpu")
+    expected, _ = augmentation.augment_tumor(mask, BONE_LESION, np.random.default_rng(3), device="cpu")
     assert [r.tumor_id for r in reports] == [BONE_LESION] and torch.equal(out, expected)
 
+    both = _liver_with_tumor()
+    both[0, 45, 20:23, 20:23] = BONE_LESION  # inside the bone slab
+    _, reports = augmentation.augment_mask(both, np.random.default_rng(0), device="cpu", max_attempts=2)
+    assert [r.tumor_id for r in reports] == [BONE_LESION, HEPATIC_TUMOR]  # one step per tumour, in the fixed order
+
     tumor_free = _meta(_torso((48, 48, 48)))
-    zoomed, (report,) = masks.augment_mask(tumor_free, np.random.default_rng(0))
-    again, _ = masks.augment_mask(tumor_free, np.random.default_rng(0))
+    zoomed, (report,) = augmentation.augment_mask(tumor_free, np.random.default_rng(0))
+    again, _ = augmentation.augment_mask(tumor_free, np.random.default_rng(0))
     assert report.kind == "zoom" and report.augmented and torch.equal(zoomed, again)
     assert zoomed.shape == tumor_free.shape and torch.equal(zoomed.affine, tumor_free.affine)
     assert set(torch.unique(zoomed).tolist()) == set(torch.unique(tumor_free).tolist())
-    same, (report,) = masks.augment_mask(tumor_free, np.random.default_rng(0), zoom=False)
+    same, (report,) = augmentation.augment_mask(tumor_free, np.random.default_rng(0), zoom=False)
     assert not report.augmented and same is tumor_free
 
 
-def test_close_labels_fills_holes_without_growing_at_the_border(masks):
+def test_close_labels_fills_holes_without_growing_at_the_border(augmentation):
     volume = np.zeros((20, 20, 20), dtype=np.int16)
     volume[0:8, 0:8, 0:8] = LIVER  # touches the volume border
     volume[3, 3, 3] = 0  # a hole
     volume[12:18, 12:18, 12:18] = SPLEEN
     volume[15, 15, 15] = 0
-    closed = masks.close_labels(volume, [LIVER, SPLEEN])
+    closed = augmentation.close_labels(volume, [LIVER, SPLEEN])
     expected = volume.copy()
     expected[3, 3, 3], expected[15, 15, 15] = LIVER, SPLEEN
     np.testing.assert_array_equal(closed, expected)
-    np.testing.assert_array_equal(masks.close_labels(volume, []), volume)
+    np.testing.assert_array_equal(augmentation.close_labels(volume, []), volume)

@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import BUNDLES_DIR, run_bundle
+from bundle_helpers import BUNDLES_DIR, run_bundle, run_in_process
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
 OUTPUT_SIZE = [128, 128, 128]
@@ -130,27 +130,28 @@ def _check_mr_image(sample: dict, size, spacing) -> np.ndarray:
 
 def test_both_versions_guidance_defaults_and_determinism(workspace, tmp_path):
     root, weights = workspace
+    # the command line once (python -m monai.bundle run), in-process otherwise
     run_bundle(BUNDLE, VERSION_CONFIGS["rflow-mr"], overrides(weights["rflow-mr"], tmp_path / "mr", num_output_samples=2))
     report, samples = _report(tmp_path / "mr")
     settings = report["settings"]
     assert settings["version"] == "rflow-mr" and settings["cfg_guidance_scale"] == 15.0
-    assert settings["modality"] == "mri_t1" and settings["modality_code"] == 9
-    assert settings["trained_controlnet_path"] is None  # image-only: no ControlNet is loaded
+    assert settings["requests"][0]["modality"] == 9  # "mri_t1", normalised to its code
+    assert "trained_controlnet_path" not in settings["files"]  # image-only: no ControlNet is needed or loaded
     assert [s["seed"] for s in samples] == [0, 1] and all(s["mask_source"] == "none (image only)" for s in samples)
     first, second = (_check_mr_image(s, OUTPUT_SIZE, SPACING) for s in samples)
     assert "label" not in samples[0] and not np.array_equal(first, second)
 
     # rflow-mr-brain: its own weights, guidance 2 and seed 1234 by default (geometry kept small here)
-    run_bundle(BUNDLE, VERSION_CONFIGS["rflow-mr-brain"], overrides(weights["rflow-mr-brain"], tmp_path / "brain", modality=11, spacing=[1.0, 1.0, 1.5]))
+    run_in_process(BUNDLE, VERSION_CONFIGS["rflow-mr-brain"], overrides(weights["rflow-mr-brain"], tmp_path / "brain", modality=11, spacing=[1.0, 1.0, 1.5]))
     report, samples = _report(tmp_path / "brain")
     settings = report["settings"]
-    assert settings["version"] == "rflow-mr-brain" and settings["cfg_guidance_scale"] == 2.0 and settings["modality_code"] == 11
-    assert settings["trained_autoencoder_path"].endswith("autoencoder_def_1.pt")
+    assert settings["version"] == "rflow-mr-brain" and settings["cfg_guidance_scale"] == 2.0 and settings["requests"][0]["modality"] == 11
+    assert settings["files"]["trained_autoencoder_path"].endswith("autoencoder_def_1.pt")
     assert samples[0]["seed"] == 1234
     _check_mr_image(samples[0], OUTPUT_SIZE, [1.0, 1.0, 1.5])
 
     # same seed -> same output, whatever the number of samples
-    run_bundle(BUNDLE, VERSION_CONFIGS["rflow-mr"], overrides(weights["rflow-mr"], tmp_path / "again", modality="MRI_T1"))
+    run_in_process(BUNDLE, VERSION_CONFIGS["rflow-mr"], overrides(weights["rflow-mr"], tmp_path / "again", modality="MRI_T1"))
     _, again = _report(tmp_path / "again")
     np.testing.assert_array_equal(_image(again[0]), first)
 
@@ -159,9 +160,9 @@ def test_image_from_mask_with_labels_above_255(workspace, tmp_path):
     root, weights = workspace
     mask_path = root / "brats_mask.nii.gz"
     common = {"mask_path": str(mask_path), "modality": "mri_flair", "cfg_guidance_scale": 0.0}
-    run_bundle(BUNDLE, ["inference.json"], overrides(weights["rflow-mr"], tmp_path / "mask", **common))
+    run_in_process(BUNDLE, ["inference.json"], overrides(weights["rflow-mr"], tmp_path / "mask", **common))
     report, samples = _report(tmp_path / "mask")
-    assert report["settings"]["trained_controlnet_path"] == weights["rflow-mr"]["trained_controlnet_path"]
+    assert report["settings"]["files"]["trained_controlnet_path"] == weights["rflow-mr"]["trained_controlnet_path"]
     sample = samples[0]
     assert sample["mask_source"] == f"user:{mask_path}"
     image = _check_mr_image(sample, OUTPUT_SIZE, SPACING)

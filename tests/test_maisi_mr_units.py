@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
-from test_maisi_mr_generative import BRAIN, BRATS_IDS, BUNDLE, SPACING, tiny_parser, write_brats_mask, write_tiny_weights
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_bundle
+from test_maisi_mr_generative import BRAIN, BRATS_IDS, BUNDLE, SPACING, TINY, tiny_parser, write_brats_mask, write_tiny_weights
 
 CT_BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 # Published parameter counts and state-dict sizes (NV config_network_rflow.json, MONAI 1.6.1).
@@ -24,7 +24,10 @@ PUBLISHED = {
 @pytest.fixture(scope="module")
 def scripts():
     with bundle_scripts(BUNDLE) as package:
-        import scripts.generation  # noqa: F401  (the bundle's own copy)
+        import scripts.generation  # noqa: F401  (the bundle's own copies)
+        import scripts.generation_mr  # noqa: F401
+        import scripts.settings_mr  # noqa: F401
+        import scripts.value_checks  # noqa: F401
 
         yield package
 
@@ -70,10 +73,10 @@ def test_published_architectures_for_both_versions(scripts):
     parser = ConfigParser(base)
     for net_id, (parameters, keys) in PUBLISHED.items():
         assert base[net_id] == ct[net_id]  # the CT bundle's published definitions, unchanged
-        network = parser.get_parsed_content(net_id)
+        with torch.device("meta"):  # shapes and keys without allocating the weights
+            network = parser.get_parsed_content(net_id)
         assert sum(p.numel() for p in network.parameters()) == parameters
         assert len(network.state_dict()) == keys
-        del network
     scheduler = parser.get_parsed_content("noise_scheduler")
     assert type(scheduler).__name__ == "RFlowScheduler" and scheduler.num_train_timesteps == 1000
 
@@ -83,11 +86,13 @@ def test_strict_loading_rejects_a_mismatched_checkpoint(scripts, weights, tmp_pa
     state = torch.load(weights["trained_diffusion_path"], weights_only=True)
     state["unet_state_dict"].pop(next(iter(state["unet_state_dict"])))
     torch.save(state, tmp_path / "broken.pt")
+    files = scripts.settings.RequiredFiles(
+        {"trained_autoencoder_path": weights["trained_autoencoder_path"], "trained_diffusion_path": tmp_path / "broken.pt"}, BUNDLE
+    )
     with pytest.raises(RuntimeError, match="Missing key"):
-        scripts.generation.load_mr_networks(
+        scripts.generation.load_generation_networks(
             parser.get_parsed_content("autoencoder_def"), parser.get_parsed_content("diffusion_unet_def"),
-            parser.get_parsed_content("controlnet_def"), weights["trained_autoencoder_path"], tmp_path / "broken.pt",
-            None, "cpu",
+            parser.get_parsed_content("controlnet_def"), files, "cpu",
         )
 
 
@@ -118,8 +123,6 @@ def test_mr_inputs_refused_before_weights_load(scripts, values, expected):
 
 def test_ct_bundle_refuses_mr_modalities():
     with bundle_scripts(CT_BUNDLE) as ct_scripts:
-        import scripts.validation  # noqa: F401
-
         for modality in ("mri_t1", 9, "mri_flair_skull_stripped"):
             with pytest.raises(ValueError) as error:
                 _initialize(CT_BUNDLE, ct_scripts, modality=modality)
@@ -133,8 +136,8 @@ def test_mask_checks_and_missing_weights(scripts, tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         _initialize(BUNDLE, scripts, ["inference.json", "inference_rflow_mr_brain.json"])
     message = str(error.value)
-    assert "trained_diffusion_path=/nonexistent/models/diff_unet_3d_rflow-mr-brain_v1.pt" in message
-    assert "autoencoder_v1.pt" in message and "download_large_files" in message and "controlnet" not in message
+    assert "trained_diffusion_path='/nonexistent/models/diff_unet_3d_rflow-mr-brain_v1.pt'" in message
+    assert "autoencoder_v1.pt" in message and "python -m scripts.download" in message and "controlnet" not in message
 
     odd = np.zeros((64, 64, 64), dtype=np.int16)
     odd[20:40, 20:40, 20:40] = 300  # above 255 and not in the MR table
@@ -151,7 +154,7 @@ def test_mask_checks_and_missing_weights(scripts, tmp_path):
     nib.save(nib.Nifti1Image(corner, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "corner.nii.gz"))
     with pytest.raises(ValueError, match="no foreground label left at output_size=\\[128, 256, 256\\]"):
         _initialize(BUNDLE, scripts, mask_path=str(tmp_path / "corner.nii.gz"), spacing=[2.0, 1.0, 1.0])
-    with pytest.raises(FileNotFoundError, match="mask_path=/nonexistent.nii.gz"):
+    with pytest.raises(ValueError, match="mask_path='/nonexistent.nii.gz' does not exist"):
         _initialize(BUNDLE, scripts, mask_path="/nonexistent.nii.gz")
 
 
@@ -181,37 +184,34 @@ def test_mr_label_mapping(scripts):
     assert labels.remap_mr_labels_for_controlnet(numpy_raw, {"300": 140, 401: 150}).tolist() == [[140, 150]]
     with pytest.raises(ValueError, match="300"):
         labels.remap_mr_labels_for_controlnet(numpy_raw)
-    check = scripts.validation.check_controlnet_label_mapping
+    check = scripts.value_checks.check_controlnet_label_mapping
     assert check(None) == {} and check({"300": 140}) == {300: 140}
     for bad in ([300, 140], {"20": 140}, {"300": 256}, {"x": 1}):
         with pytest.raises(ValueError, match="controlnet_label_mapping="):
             check(bad)
-    fov = scripts.validation.check_field_of_view_mr
+    fov = scripts.settings_mr.check_field_of_view_mr
     assert fov([128, 256, 256], [1.25, 1.0, 1.0]) == (160.0, 256.0, 256.0)
     assert fov([512, 512, 128], [1.0, 1.0, 4.0]) == (512.0, 512.0, 512.0)
 
 
 def test_guidance_controlnet_and_background(scripts, weights, tmp_path):
     parser = tiny_parser()
-    networks = scripts.generation.load_mr_networks(
+    files = scripts.settings.RequiredFiles({k: weights[k] for k in ("trained_autoencoder_path", "trained_diffusion_path", "trained_controlnet_path")}, BUNDLE)
+    networks = scripts.generation.load_generation_networks(
         parser.get_parsed_content("autoencoder_def"), parser.get_parsed_content("diffusion_unet_def"),
-        parser.get_parsed_content("controlnet_def"), weights["trained_autoencoder_path"], weights["trained_diffusion_path"],
-        weights["trained_controlnet_path"], "cpu", use_controlnet=True,
+        parser.get_parsed_content("controlnet_def"), files, "cpu",
     )
+    assert networks.controlnet is not None and networks.scale_factor == 1.0
     device = torch.device("cpu")
-    inputs = scripts.validation.validate_mr_generation_inputs(
-        version="rflow-mr", output_size=[128, 128, 128], spacing=SPACING, modality="mri_t2",
-        modality_mapping_json=BUNDLE / "configs/modality_mapping.json", num_inference_steps=2, cfg_guidance_scale=0,
-    )
-    assert inputs.modality == 10
+    request = scripts.settings_mr.MRRequest("sample", (128, 128, 128), tuple(SPACING), 1, 0, modality=10)
     write_brats_mask(tmp_path / "mask.nii.gz")
-    mask = scripts.generation.load_mr_mask(tmp_path / "mask.nii.gz", inputs)
+    mask = scripts.settings_mr.load_mr_mask(tmp_path / "mask.nii.gz", request.output_size, request.spacing, {})
     assert set(torch.unique(mask.controlnet_ids).tolist()) == {0, BRAIN, 129, 130, 131}
     assert set(torch.unique(mask.labels).tolist()) == {0, BRAIN, *BRATS_IDS}
 
     def latent(scale, mr_mask=None):
         noise = torch.randn((1, 4, 32, 32, 32), generator=torch.Generator().manual_seed(3))
-        conditions = scripts.generation.build_mr_conditions(inputs, mr_mask, device, torch.float32)
+        conditions = scripts.generation_mr.mr_conditions(request, mr_mask, device, torch.float32)
         assert conditions.class_labels.tolist() == [10] and conditions.spacing.tolist() == [[200.0, 200.0, 200.0]]
         return scripts.sampler.sample_latent(
             networks.diffusion_unet, parser.get_parsed_content("noise_scheduler"), noise, conditions, 2,
@@ -224,13 +224,20 @@ def test_guidance_controlnet_and_background(scripts, weights, tmp_path):
     for parameter in networks.controlnet.controlnet_cond_embedding.parameters():  # random init barely passes the mask
         parameter.data.mul_(20.0)
     with_mask = latent(0.0, mask)
-    flat = scripts.generation.MRMask("user:flat", mask.labels, (mask.controlnet_ids > 0).to(torch.int16))
+    flat = scripts.settings_mr.MRMask("user:flat", mask.labels, (mask.controlnet_ids > 0).to(torch.int16))
     assert (with_mask - unguided).abs().mean() > 1e-4 and (with_mask - latent(0.0, flat)).abs().mean() > 1e-4
 
-    plan = scripts.decode.plan_decode((4, 32, 32, 32), device)
-    scheduler = parser.get_parsed_content("noise_scheduler")
-    timings = {}
-    cut = scripts.generation.generate_mr_image(inputs, networks, scheduler, 5, device, plan, timings, mask, zero_outside_mask=True, progress=False)
-    labels = mask.labels.reshape(cut.shape).numpy()
-    assert cut.dtype == np.int16 and cut.min() >= 0 and set(timings) == {"diffusion_s", "decode_s"}
+    # zero_outside_mask: the generator sets label 0 to 0 (MR background)
+    overrides = {
+        "bundle_root": str(BUNDLE), "output_dir": str(tmp_path / "out"), "output_size": [128, 128, 128], "spacing": SPACING,
+        "modality": "mri_t2", "num_inference_steps": 2, "cfg_guidance_scale": 0, "mask_path": str(tmp_path / "mask.nii.gz"),
+        "zero_outside_mask": True, "progress": False, **weights,
+    }  # fmt: skip
+    config = parse_bundle_config(BUNDLE, ["inference.json"], {**overrides, **TINY})
+    generator = config.get_parsed_content("generator")
+    generator.networks = networks  # the ControlNet with the amplified embedding
+    task = generator.tasks[0]
+    output = generator.generate(task, generator.settings.requests[0])
+    cut, labels = output["image"], output["labels"]
+    assert cut.dtype == np.int16 and cut.min() >= 0 and set(output["entry"]["timings"]) == {"diffusion_s", "decode_s"}
     assert (cut[labels == 0] == 0).all() and (cut[labels > 0] > 0).mean() > 0.2

@@ -1,4 +1,4 @@
-"""Unit tests of the shared MAISI quality check and intensity conversions (common/maisi/scripts/quality.py)."""
+"""Unit tests of the CT quality check (common/maisi/ct/quality.py) and the output intensities (core/output_intensity.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ LIVER, SPLEEN, HEPATIC_TUMOR, RIGHT_LOWER_LOBE, LEFT_UPPER_LOBE = 1, 3, 26, 32, 
 @pytest.fixture(scope="module")
 def maisi():
     with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
-        yield importlib.import_module("scripts.quality"), importlib.import_module("scripts.constants")
+        yield tuple(importlib.import_module(f"scripts.{name}") for name in ("quality", "constants", "output_intensity"))
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,12 @@ def quality(maisi):
 @pytest.fixture(scope="module")
 def constants(maisi):
     return maisi[1]
+
+
+@pytest.fixture(scope="module")
+def output_intensity(maisi):
+    """output_intensity, shared by CT and MR (core/): the MR bundle holds the same bytes (test_shared_code)."""
+    return maisi[2]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +121,33 @@ def test_small_organs_and_missing_statistics(quality, statistics):
         quality.check_ct_quality(image[:4], labels, statistics)
 
 
+def test_report_as_plain_data_for_the_run_report(quality, statistics):
+    image, labels = _volume({LIVER: 500.0, SPLEEN: 50.0, HEPATIC_TUMOR: 900.0})
+    report = quality.check_ct_quality(image, labels, statistics)
+    data = report.to_dict()
+    assert data["passed"] is False and data["attempts"] == 1 and data["failed_organs"] == ["liver"]
+    assert data["organs"]["liver"] == {"median": 500.0, "low": -21.596463547885904, "high": 162.0, "voxels": 32, "passed": False}
+    assert data["no_statistics"] == ["hepatic tumor"] and "spleen" not in data["skipped"] and "lung" in data["skipped"]
+    assert data["summary"] == report.summary()
+    assert json.loads(json.dumps(data)) == data
+    data["organs"]["liver"]["passed"] = True  # a copy: the report is unchanged
+    assert report.failed_organs == ["liver"]
+
+
+def test_quality_check_component_reads_its_statistics(quality, statistics, tmp_path):
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"liver": statistics["liver"]}))
+    check = quality.CTQualityCheck(path, max_attempts=2)
+    assert check.max_attempts == 2 and check.statistics == {"liver": statistics["liver"]}
+    image, labels = _volume({LIVER: 60.0, SPLEEN: 5000.0})  # spleen out of any range, but without statistics
+    report = check(image, labels)
+    assert report.passed and list(report.organs) == ["liver"] and report.no_statistics == ["spleen"]
+    assert not check(*_volume({LIVER: 500.0})).passed
+    path.write_text(json.dumps({"liver": {"sigma_6_low": 0.0}}))
+    with pytest.raises(ValueError, match="organ 'liver' lacks numeric"):
+        quality.CTQualityCheck(path)
+
+
 # ---------------------------------------------------------------------------------------------------- retries
 
 
@@ -152,26 +185,26 @@ def test_always_failing_sample_is_returned_flagged(quality, statistics, caplog):
 # ---------------------------------------------------------------------------------------------------- intensities
 
 
-def test_ct_conversion_and_finalisation(quality, constants):
+def test_ct_conversion_and_finalisation(output_intensity, constants):
     decoded = torch.tensor([0.0, 0.5, 1.0, -0.2, 1.3], dtype=torch.float16)
-    hu = quality.to_ct_hu(decoded)
+    hu = output_intensity.to_ct_hu(decoded)
     assert hu.dtype == torch.float32
     assert hu.tolist() == [-1000.0, 0.0, 1000.0, -1000.0, 1000.0]
     labels = torch.tensor([1, 1, 0, 1, 1])
-    final = quality.finalize_ct(hu, labels)
+    final = output_intensity.finalize_ct(hu, labels)
     assert final.dtype == torch.int16
     assert final.tolist() == [-1000, 0, int(constants.CT_BACKGROUND_HU), -1000, 1000]
-    as_numpy = quality.finalize_ct(np.array([12.4, 3000.0, -1500.0, 7.0]), np.array([1, 1, 1, 0]))
+    as_numpy = output_intensity.finalize_ct(np.array([12.4, 3000.0, -1500.0, 7.0]), np.array([1, 1, 1, 0]))
     assert as_numpy.dtype == np.int16
     assert as_numpy.tolist() == [12, 1000, -1000, int(constants.CT_BACKGROUND_HU)]
 
 
-def test_mr_conversion_and_finalisation(quality):
+def test_mr_conversion_and_finalisation(output_intensity):
     decoded = np.array([0.0, 0.5, 1.0, -0.1, 40.0], dtype=np.float32)
-    intensity = quality.to_mr_intensity(decoded)
+    intensity = output_intensity.to_mr_intensity(decoded)
     assert intensity.tolist() == [0.0, 500.0, 1000.0, 0.0, 32767.0]
-    final = quality.finalize_mr(intensity, np.array([1, 1, 0, 1, 1]))
+    final = output_intensity.finalize_mr(intensity, np.array([1, 1, 0, 1, 1]))
     assert final.dtype == np.int16
     assert final.tolist() == [0, 500, 0, 0, 32767]
-    as_tensor = quality.finalize_mr(quality.to_mr_intensity(torch.tensor([0.25, 0.75])), torch.tensor([0, 1]))
+    as_tensor = output_intensity.finalize_mr(output_intensity.to_mr_intensity(torch.tensor([0.25, 0.75])), torch.tensor([0, 1]))
     assert as_tensor.dtype == torch.int16 and as_tensor.tolist() == [0, 750]

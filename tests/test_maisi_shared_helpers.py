@@ -1,4 +1,4 @@
-"""The shared MAISI helpers that replaced duplicated code: the one datalist reader, label_id_of, the generation run."""
+"""The shared MAISI helpers: the one datalist reader, label_id_of, and the generation engine's run (files, records, resume, report)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import importlib
 import json
 from types import SimpleNamespace
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
@@ -21,8 +24,9 @@ def scripts():
             data=importlib.import_module("scripts.training_data"),
             embeddings=importlib.import_module("scripts.embeddings"),
             labels=importlib.import_module("scripts.labels"),
-            mask_generation=importlib.import_module("scripts.mask_generation"),
             generation=importlib.import_module("scripts.generation"),
+            sample_store=importlib.import_module("scripts.sample_store"),
+            settings=importlib.import_module("scripts.settings"),
         )
 
 
@@ -34,11 +38,6 @@ def _datalist(folder, entries, name="list.json"):
     path = folder / name
     path.write_text(json.dumps({"training": entries}))
     return path
-
-
-def test_one_datalist_reader_for_embeddings_and_training(scripts):
-    assert scripts.embeddings.load_datalist is scripts.data.load_datalist
-    assert scripts.embeddings.select_folds is scripts.data.select_folds
 
 
 def test_load_datalist_defaults_base_dir_and_optional_label(scripts, tmp_path):
@@ -89,31 +88,148 @@ def test_read_datalist_splits_by_fold_and_requires_it(scripts, tmp_path):
         scripts.data.read_datalist(_datalist(tmp_path, [{"image": "a.nii.gz"}], "no_fold.json"), 0, "training")
 
 
-def test_label_id_of_is_shared(scripts):
-    assert scripts.mask_generation.label_id_of is scripts.labels.label_id_of
+def test_label_id_of(scripts):
     assert scripts.labels.label_id_of("liver", {"liver": 1}) == 1
     assert scripts.labels.label_id_of("hepatic tumor", {}) == 26  # tumour names resolve through constants
+    assert scripts.labels.label_id_of("hepatic tumor", {"hepatic tumor": 99}) == 26  # constants win
     with pytest.raises(ValueError, match="label 'nose' is missing"):
         scripts.labels.label_id_of("nose", {"liver": 1})
 
 
-def test_generation_run_setup_timing_and_report(scripts, tmp_path):
+# ---------------------------------------------------------------------------------------------------- the generation run
+
+
+def test_latent_shape_and_phase_timings(scripts, monkeypatch):
     generation = scripts.generation
     assert generation.latent_shape_of((64, 32, 16)) == (4, 16, 8, 4)
-    timings: dict[str, float] = {}
+    clock = iter([10.0, 12.5, 20.0, 20.25])
+    monkeypatch.setattr(generation.time, "perf_counter", lambda: next(clock))
+    timings: dict[str, float] = {"mask_s": 1.0}
     for _ in range(2):
         with generation.timed(timings, "decode_s"):
             pass
-    assert set(timings) == {"decode_s"} and timings["decode_s"] >= 0.0
-    inputs = SimpleNamespace(
-        output_size=(32, 32, 16),
-        autoencoder_sliding_window_infer_size=[16, 16, 16],
-        autoencoder_sliding_window_infer_overlap=0.25,
-        autoencoder_tp_num_splits=1,
-    )
-    run = generation.start_generation_run(inputs, tmp_path / "out", "cpu")
-    assert run.output_dir.is_dir() and run.device == torch.device("cpu") and run.timings == {}
-    report = run.finish({"random_seed": 3}, [{"index": 0, "seed": 3, "mask_source": "none (image only)"}])
-    written = json.loads((tmp_path / "out" / "generation_report.json").read_text())
-    assert report["settings"] == {"random_seed": 3, "decode_plan": run.decode_plan.describe()}
-    assert written["samples"][0]["seed"] == 3 and written["settings"]["random_seed"] == 3
+    assert timings == {"mask_s": 1.0, "decode_s": 2.75}  # each block's seconds, summed per phase
+
+
+OUTPUT_SIZE, SPACING = (8, 6, 4), (1.0, 1.5, 2.0)
+
+
+@pytest.fixture(scope="module")
+def run_settings(scripts):
+    """The settings class of a one-request test run (the bundles' settings classes derive from GenerationSettings)."""
+    settings = scripts.settings
+
+    class RunSettings(settings.GenerationSettings):
+        """``steps`` stands for any setting that changes what the samples look like."""
+
+        def __init__(self, output_dir, seed=0, num_samples=3, steps=2):
+            self.version, self.steps, self.progress, self.overwrite = "test", steps, False, False
+            self.requests = [settings.RequestBase("sample", OUTPUT_SIZE, SPACING, num_samples, seed)]
+            self.decode = settings.check_decode_settings(None, 0.25, None, None)
+            self.files = settings.RequiredFiles({}, output_dir)
+            self.output_dir, self.image_output_ext = output_dir, ".nii.gz"
+
+        def output_settings(self):
+            return {**super().output_settings(), "steps": self.steps}
+
+    return RunSettings
+
+
+def _run(scripts, settings, handlers=None):
+    """Run a generation engine whose samples are seeded noise with a fixed label box; returns the stems it generated."""
+    generation = scripts.generation
+    generated = []
+
+    class Engine(generation.GenerationEngine):
+        def generate(self, task, request):
+            generated.append(task.stem)
+            image = np.random.default_rng(task.seed).integers(-1000, 1001, request.output_size).astype(np.int16)
+            labels = np.zeros(request.output_size, dtype=np.uint8)
+            labels[2:6, 1:5, 1:3] = 1
+            entry = generation.entry_of(task, task.seed, "generated", {"diffusion_s": 1.5})
+            return {"image": image, "labels": labels, "entry": entry}
+
+    store = scripts.sample_store.SampleStore(settings.output_dir, ".nii.gz", ".nii.gz")
+    networks = generation.GenerationNetworks(torch.nn.Identity(), torch.nn.Identity(), None, 1.0, torch.device("cpu"))
+    if handlers is None:
+        handlers = [
+            generation.SampleWriter(store),
+            generation.PreviewWriter(store, (-1000, 1000)),
+            generation.SampleRecordWriter(store, settings),
+            generation.SampleProgress(enabled=False),
+        ]
+    engine = Engine(settings, networks, sampler=None, decoder=None, store=store, handlers=handlers)
+    engine.run()
+    return generated
+
+
+def test_generation_run_writes_files_records_and_report(scripts, run_settings, tmp_path):
+    settings = run_settings(tmp_path / "out", seed=5)
+    generated = _run(scripts, settings)
+    stems = ["sample_0000_seed5", "sample_0001_seed6", "sample_0002_seed7"]
+    assert generated == stems
+    report = json.loads((tmp_path / "out" / "generation_report.json").read_text())
+    assert [s["seed"] for s in report["samples"]] == [5, 6, 7] and report["settings"]["missing_samples"] == []
+    assert report["settings"]["version"] == "test" and report["settings"]["requests"][0]["num_samples"] == 3
+    assert report["timings"]["diffusion_s"] == 4.5  # the samples' phase timings, summed
+    assert set(report["timings"]) == {"diffusion_s", "total_s"}  # the engine adds each sample's wall-clock total
+    assert report["timings"]["total_s"] == pytest.approx(sum(s["timings"]["total_s"] for s in report["samples"]))
+    first = report["samples"][0]
+    image, labels = nib.load(first["image"]), nib.load(first["label"])
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.random.default_rng(5).integers(-1000, 1001, OUTPUT_SIZE))
+    assert image.get_data_dtype() == np.int16 and labels.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(image.affine, np.diag([*SPACING, 1.0]))
+    assert Image.open(first["preview"]).mode == "RGB"
+    expected = {f"{stem}{suffix}" for stem in stems for suffix in ("_image.nii.gz", "_label.nii.gz", "_preview.png", ".json")}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == expected | {"generation_report.json"}
+
+
+def test_generation_run_resumes_only_missing_samples(scripts, run_settings, tmp_path):
+    settings = run_settings(tmp_path / "out")
+    _run(scripts, settings)
+    first_label = (tmp_path / "out" / "sample_0000_seed0_label.nii.gz").read_bytes()
+    (tmp_path / "out" / "sample_0001_seed1_image.nii.gz").unlink()  # killed before its record was rewritten
+    (tmp_path / "out" / "sample_0002_seed2.json").unlink()  # killed before its record was written
+    generated = _run(scripts, settings)
+    assert generated == ["sample_0001_seed1", "sample_0002_seed2"]
+    assert (tmp_path / "out" / "sample_0000_seed0_label.nii.gz").read_bytes() == first_label
+    generated = _run(scripts, settings)
+    assert generated == []  # everything finished: nothing is regenerated, the report is rewritten
+    report = json.loads((tmp_path / "out" / "generation_report.json").read_text())
+    assert [s["seed"] for s in report["samples"]] == [0, 1, 2]
+    generated = _run(scripts, run_settings(tmp_path / "out", steps=3))
+    assert len(generated) == 3  # other settings: another fingerprint, no sample counts as finished
+
+
+def test_report_lists_unfinished_samples_and_store_spots_other_runs(scripts, run_settings, tmp_path):
+    settings = run_settings(tmp_path / "out", num_samples=2)
+    store = scripts.sample_store.SampleStore(tmp_path / "out", ".nii.gz", ".nii.gz")
+    tasks = settings.tasks()
+    fingerprint = settings.fingerprint(settings.requests[0])
+    store.write_record(tasks[1], fingerprint, {"seed": 1, "mask_source": "generated", "timings": {"decode_s": 2.0}})
+    report = store.merge_report(tasks, settings.to_dict())
+    assert report["settings"]["missing_samples"] == ["sample_0000_seed0"] and report["timings"] == {"decode_s": 2.0}
+    assert not store.is_complete(tasks[0], fingerprint) and store.is_complete(tasks[1], fingerprint)
+    assert not store.is_complete(tasks[1], "another fingerprint")
+    expected = {task.stem: fingerprint for task in tasks}
+    assert store.conflicts(expected) == []
+    other = run_settings(tmp_path / "out", num_samples=2, steps=9)
+    assert store.conflicts({t.stem: other.fingerprint(other.requests[0]) for t in tasks}) == [
+        "sample_0001_seed1 (made with other settings or weights)"
+    ]
+    assert store.conflicts({"sample_0000_seed0": fingerprint}) == ["sample_0001_seed1 (a sample this run does not make)"]
+    with pytest.raises(ValueError, match="output_dir=.*holds the outputs of another run.*overwrite=true"):
+        store.check_output_dir({"sample_0000_seed0": fingerprint})
+    overwriting = scripts.sample_store.SampleStore(tmp_path / "out", ".nii.gz", ".nii.gz", overwrite=True)
+    overwriting.check_output_dir({"sample_0000_seed0": fingerprint})  # allowed: the run removes them first
+    removed = overwriting.remove_conflicts({"sample_0000_seed0": fingerprint})
+    assert sorted(p.name for p in removed) == ["generation_report.json", "sample_0001_seed1.json"]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_record_writer_must_follow_the_sample_writer(scripts, run_settings, tmp_path):
+    settings = run_settings(tmp_path / "out", num_samples=1)
+    store = scripts.sample_store.SampleStore(tmp_path / "out", ".nii.gz", ".nii.gz")
+    with pytest.raises(RuntimeError, match="attached after SampleWriter"):
+        _run(scripts, settings, handlers=[scripts.generation.SampleRecordWriter(store, settings)])
+    assert not (tmp_path / "out" / "sample_0000_seed0.json").exists()  # a sample without files is never marked done

@@ -277,7 +277,7 @@ def _unique_ids(values: NdarrayOrTensor) -> list[int]:
 
 
 def format_ids(ids: Sequence[int], limit: int = 20) -> str:
-    """``ids`` as ``[1, 2, ...]`` for messages, at most ``limit`` of them (then ``... (N in all)``)."""
+    """``ids`` as ``1, 2, 3`` for messages: at most ``limit`` of them, then ``, ... (N ids)`` with the total count."""
     shown = ", ".join(str(i) for i in ids[:limit])
     return shown + (f", ... ({len(ids)} ids)" if len(ids) > limit else "")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 from .checkpoint import atomic_write
 from .report import jsonable, write_run_report
 from .settings import SampleTask
+from .writers import DICOM_EXT
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,9 @@ class SampleStore:
     def paths(self, task: SampleTask) -> dict[str, Path]:
         """``{"image", "label", "preview", "record"}`` of ``task`` (``label`` only when labels are written)."""
         stem = self.output_dir / task.stem
+        image_suffix = "" if self.image_ext == DICOM_EXT else self.image_ext  # a DICOM series is a folder
         paths = {
-            "image": stem.with_name(f"{task.stem}_image{self.image_ext}"),
+            "image": stem.with_name(f"{task.stem}_image{image_suffix}"),
             "preview": stem.with_name(f"{task.stem}_preview.png"),
             "record": stem.with_name(f"{task.stem}.json"),
         }
@@ -158,9 +161,14 @@ class SampleStore:
                 continue
             for key in _FILE_KEYS:
                 name = record.get("entry", {}).get(key)
-                if name and (self.output_dir / Path(name).name).is_file():
-                    (self.output_dir / Path(name).name).unlink()
-                    removed.append(self.output_dir / Path(name).name)
+                target = self.output_dir / Path(name).name if name else None
+                if target is not None and target.is_dir():
+                    shutil.rmtree(target)
+                elif target is not None and target.is_file():
+                    target.unlink()
+                else:
+                    continue
+                removed.append(target)
             record_path = self.output_dir / f"{stem}.json"
             record_path.unlink(missing_ok=True)
             removed.append(record_path)
@@ -177,7 +185,7 @@ class SampleStore:
         if record is None or record.get("fingerprint") != fingerprint:
             return False
         entry = record.get("entry", {})
-        return all((self.output_dir / Path(entry[key]).name).is_file() for key in _FILE_KEYS if entry.get(key))
+        return all((self.output_dir / Path(entry[key]).name).exists() for key in _FILE_KEYS if entry.get(key))
 
     def write_record(self, task: SampleTask, fingerprint: str, entry: Mapping[str, Any]) -> Path:
         """Write the record of a finished sample (last, atomically): its report entry and fingerprint."""

@@ -57,7 +57,7 @@ from .labels import filter_label_map, label_output_dtype
 
 __all__ = [
     "OUTPUT_EXT_BACKENDS",
-    "REFUSED_OUTPUT_EXTS",
+    "DICOM_EXT",
     "as_volume",
     "check_output_ext",
     "check_spacing",
@@ -80,16 +80,11 @@ OUTPUT_EXT_BACKENDS = MappingProxyType(
         ".mha": ("itk",),
     }
 )
-# Extensions MONAI resolves to a writer that cannot store a generated volume correctly, with the reason.
-REFUSED_OUTPUT_EXTS = MappingProxyType(
-    {
-        ".dcm": (
-            "itk's DICOM (GDCM) writer stores a 3D volume as one multi-frame file only for unsigned pixels, so "
-            "int16 HU (and label maps with ids above 255) cannot be written; write '.nii.gz', '.nrrd' or '.mha' "
-            "and convert it to a DICOM series with a DICOM tool"
-        ),
-    }
-)
+# ".dcm" is written by ``dicom.py`` (a DICOM series per image, a Segmentation per label map), not by a MONAI
+# writer: itk's DICOM writer cannot store int16 HU as one 3D file.
+DICOM_EXT = ".dcm"
+DICOM_BACKENDS = ("pydicom", "highdicom")
+
 
 # The MONAI writer class of each backend package named in ``OUTPUT_EXT_BACKENDS``.
 _WRITER_CLASSES = {"nibabel": NibabelWriter, "itk": ITKWriter}
@@ -101,11 +96,11 @@ def _backend_available(module: str) -> bool:
 
 def check_output_ext(name: str, ext: Any) -> str:
     """
-    Check that MONAI's ``SaveImage`` can write a 3D volume with the extension ``ext``.
+    Check an output extension: a 3D volume format of MONAI's writers, or ``.dcm``.
 
-    ``.nii.gz`` and ``.nii`` need nibabel (or itk); ``.nrrd`` and ``.mha`` need itk
-    (``OUTPUT_EXT_BACKENDS``). ``.dcm`` is refused with its reason (``REFUSED_OUTPUT_EXTS``). The leading
-    dot is optional and case is ignored, as in ``SaveImage``.
+    ``.nii.gz`` and ``.nii`` need nibabel (or itk); ``.nrrd`` and ``.mha`` need itk (``OUTPUT_EXT_BACKENDS``);
+    ``.dcm`` (a DICOM series per image, a DICOM Segmentation per label map) needs pydicom and highdicom. The
+    leading dot is optional and case is ignored, as in ``SaveImage``.
 
     Parameters
     ----------
@@ -122,15 +117,14 @@ def check_output_ext(name: str, ext: Any) -> str:
     key = ext.strip().lower() if isinstance(ext, str) else None
     if key and not key.startswith("."):
         key = f".{key}"
-    if key in REFUSED_OUTPUT_EXTS:
-        raise ValueError(
-            f"{name}={ext!r} is not allowed: {REFUSED_OUTPUT_EXTS[key]}; allowed: {list(OUTPUT_EXT_BACKENDS)}."
-        )
-    if key not in OUTPUT_EXT_BACKENDS:
-        allowed = {e: " or ".join(m) for e, m in OUTPUT_EXT_BACKENDS.items()}
-        raise ValueError(
-            f"{name}={ext!r} is not allowed; allowed 3D image extensions (with the package each needs): {allowed}."
-        )
+    choices = {**{e: " or ".join(m) for e, m in OUTPUT_EXT_BACKENDS.items()}, DICOM_EXT: " and ".join(DICOM_BACKENDS)}
+    if key not in choices:
+        raise ValueError(f"{name}={ext!r} is not allowed; allowed 3D image extensions (with the package each needs): {choices}.")
+    if key == DICOM_EXT:
+        missing = [m for m in DICOM_BACKENDS if not _backend_available(m)]
+        if missing:
+            raise ValueError(f"{name}={ext!r} needs {' and '.join(missing)}, which is not installed; pip install {' '.join(missing)}.")
+        return key
     backends = OUTPUT_EXT_BACKENDS[key]
     if not any(_backend_available(module) for module in backends):
         usable = [e for e, modules in OUTPUT_EXT_BACKENDS.items() if any(_backend_available(m) for m in modules)]
@@ -235,7 +229,10 @@ def volume_extension(path: str | os.PathLike, config_id: str = "output_ext") -> 
     name = Path(path).name.lower()
     matches = [ext for ext in OUTPUT_EXT_BACKENDS if name.endswith(ext)]
     ext = max(matches, key=len) if matches else "".join(Path(name).suffixes[-1:])
-    return check_output_ext(config_id, ext)
+    ext = check_output_ext(config_id, ext)
+    if ext == DICOM_EXT:
+        raise ValueError(f"{config_id}: '{path}' is DICOM, which is written as a series (dicom.write_dicom_series), not as one volume file.")
+    return ext
 
 
 def _writer_class(ext: str, config_id: str) -> type:

@@ -31,18 +31,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, EventEnum, Events
 from monai.engines import Workflow
 from tqdm import tqdm
 
 from .checkpoint import load_network_weights
 from .decode import LatentDecoder
+from .distributed import barrier, rank_and_world_size
 from .labels import label_output_dtype
 from .preview import preview_png
 from .sample_store import SampleStore
 from .settings import GenerationSettings, RequiredFiles, SampleTask
-from .writers import write_volume
+from .dicom import write_dicom_segmentation, write_dicom_series
+from .writers import DICOM_EXT, write_volume
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,6 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of processes (``(0, 1)`` without ``torch.distributed``)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +227,7 @@ class GenerationEngine(Workflow):
             self.store.output_dir.mkdir(parents=True, exist_ok=True)
             if self.store.overwrite:
                 self.store.remove_conflicts(self.fingerprints)
-        _barrier()
+        barrier()
         self.pending = [t for t in self.assigned if not self.store.is_complete(t, self.fingerprints[t.stem])]
         done = len(self.assigned) - len(self.pending)
         if done:
@@ -305,28 +294,44 @@ class SampleWriter:
     """
     Write each sample's image (int16) and label map (raw ids, smallest integer dtype) with its spacing.
 
+    With ``.dcm`` the image is a DICOM series and the label map a DICOM Segmentation (``dicom.py``).
+
     Parameters
     ----------
     store
         the output folder.
+    modality
+        ``"CT"`` or ``"MR"``: the DICOM modality and pixel convention.
+    label_dict
+        label name -> id, naming the DICOM segments (``settings.label_dict``); ``None``: ``label <id>``.
     """
 
-    def __init__(self, store: SampleStore) -> None:
+    def __init__(self, store: SampleStore, modality: str = "CT", label_dict: Mapping[str, int] | None = None) -> None:
         self.store = store
+        self.modality = modality
+        self.label_names = {int(v): k for k, v in (label_dict or {}).items()}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        paths = self.store.paths(output["task"])
+        task = output["task"]
+        paths = self.store.paths(task)
         spacing = output["request"].spacing
-        write_volume(output["image"], paths["image"], spacing, np.int16, config_id="image_output_ext")
+        identity = f"{task.stem}-{output['fingerprint']}"
+        if self.store.image_ext == DICOM_EXT:
+            write_dicom_series(output["image"], paths["image"], spacing, self.modality, identity)
+        else:
+            write_volume(output["image"], paths["image"], spacing, np.int16, config_id="image_output_ext")
         output["entry"]["image"] = str(paths["image"])
         labels = output.get("labels")
         if labels is not None and "label" in paths:
-            dtype = label_output_dtype(int(labels.max()) if labels.size else 0)
-            write_volume(labels.astype(dtype), paths["label"], spacing, dtype, config_id="label_output_ext")
+            if self.store.label_ext == DICOM_EXT:
+                write_dicom_segmentation(labels, paths["label"], paths["image"], self.label_names, identity)
+            else:
+                dtype = label_output_dtype(int(labels.max()) if labels.size else 0)
+                write_volume(labels.astype(dtype), paths["label"], spacing, dtype, config_id="label_output_ext")
             output["entry"]["label"] = str(paths["label"])
 
 
@@ -386,7 +391,7 @@ class SampleRecordWriter:
         self.store.write_record(output["task"], output["fingerprint"], output["entry"])
 
     def merge(self, engine: GenerationEngine) -> None:
-        _barrier()
+        barrier()
         if rank_and_world_size()[0] == 0:
             self.report = self.store.merge_report(engine.tasks, self.settings.to_dict(), device=engine.state.device)
             missing = self.report["settings"]["missing_samples"]

@@ -159,9 +159,9 @@ class RequiredFiles:
         if missing:
             listing = ", ".join(f"{key}={str(path)!r}" for key, path in missing.items())
             raise FileNotFoundError(
-                f"missing file(s): {listing}. Download the published files this run needs with "
-                f"`python -m scripts.download --bundle_root {self.bundle_root}` (see docs/README.md; the URLs are in "
-                f"{self.bundle_root / 'large_files.yml'}), or point these ids at your own files."
+                f"missing file(s): {listing}. Download the published files this run needs with `python -m scripts.download` "
+                f"run in the bundle folder {self.bundle_root} with the same ids as this run (the URLs are in "
+                f"{self.bundle_root / 'large_files.yml'}; see docs/README.md), or point these ids at your own files."
             )
 
     def describe(self) -> list[dict[str, Any]]:

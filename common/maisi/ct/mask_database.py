@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -221,6 +221,22 @@ def missing_mask_files(candidates: Sequence[Candidate], mask_folder: str | os.Pa
     return [c.filename for c in candidates if c.filename not in members]
 
 
+def _staging_folder(folder: Path) -> Path:
+    """
+    Create an empty, uniquely named hidden sibling of ``folder`` to unpack into. Unlike ``tempfile.mkdtemp``
+    (always mode 0700), its mode follows the umask, so the mask folder it is renamed to is as readable as any
+    other new folder (e.g. for the other users of a shared bundle).
+    """
+    for _ in range(100):
+        staging = folder.with_name(f".{folder.name}.extracting-{secrets.token_hex(4)}")
+        try:
+            staging.mkdir(mode=0o777)
+            return staging
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging folder next to '{folder}'.")
+
+
 def prepare_mask_folder(mask_folder: str | os.PathLike, progress: bool = True) -> Path:
     """
     Unpack ``<mask_folder>.zip`` into ``mask_folder`` when the folder does not exist yet, atomically.
@@ -239,7 +255,7 @@ def prepare_mask_folder(mask_folder: str | os.PathLike, progress: bool = True) -
         return folder
     archive = mask_archive(folder)
     logger.info("Unpacking the candidate masks %s (%.1f GB) into %s, once.", archive, archive.stat().st_size / 1e9, folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.extracting-", dir=folder.parent))
+    staging = _staging_folder(folder)
     try:
         with zipfile.ZipFile(archive) as handle:
             members = handle.infolist()

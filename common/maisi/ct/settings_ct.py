@@ -36,12 +36,14 @@ from tqdm import tqdm
 from .constants import BODY_REGIONS, MAX_CONTROLNET_LABEL, REGION_LABELS, TUMOR_LABELS
 from .label_io import load_label_file, resample_mask
 from .labels import body_region_indices_from_mask, check_body_region, format_ids, load_label_dict
+from .distributed import barrier, rank_and_world_size
 from .mask_database import (
     Candidate,
     filter_candidates,
     mask_archive,
     missing_mask_files,
     parse_database,
+    prepare_mask_folder,
     read_database_entries,
     regions_by_anatomy,
 )
@@ -73,7 +75,7 @@ from .value_checks import (
     int_triple,
     is_int,
 )
-from .writers import check_output_ext
+from .writers import DICOM_EXT, check_output_ext
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +396,11 @@ class CTGenerationSettings(GenerationSettings):
         self.augment_masks = check_bool("augment_masks", augment_masks)
         self.image_output_ext = check_output_ext("image_output_ext", image_output_ext)
         self.label_output_ext = None if self.image_only else check_output_ext("label_output_ext", label_output_ext)
+        if self.label_output_ext == DICOM_EXT and self.image_output_ext != DICOM_EXT:
+            raise ValueError(
+                f"label_output_ext='.dcm' needs image_output_ext='.dcm' (got {self.image_output_ext!r}): a DICOM "
+                "Segmentation references the DICOM image series it segments."
+            )
         self.overwrite = check_bool("overwrite", overwrite)
         self.progress = check_bool("progress", progress)
         self.output_dir = Path(str(output_dir))
@@ -536,9 +543,9 @@ class CTGenerationSettings(GenerationSettings):
         """
         self.files.require()
         if DATABASE_MASK in self.sources():
-            from .mask_database import prepare_mask_folder
-
-            prepare_mask_folder(self.all_files["all_mask_files_base_dir"], self.progress)
+            if rank_and_world_size()[0] == 0:  # one process unpacks, the others wait for it
+                prepare_mask_folder(self.all_files["all_mask_files_base_dir"], self.progress)
+            barrier()
 
     # report ---------------------------------------------------------------------------------------------
 
