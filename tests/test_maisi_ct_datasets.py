@@ -15,10 +15,15 @@ from ignite.engine import Events
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_in_process
 from demo.runner import bundle_command
-from test_maisi_ct_generation_e2e import OUTPUT_SIZE, SPACING, _body_with_organs, _crafted_mask_generator, _overrides, _write_mask, workspace  # noqa: F401
+from test_maisi_ct_generation_e2e import OUTPUT_SIZE, SPACING, _body_with_organs, _crafted_mask_generator, _overrides, _write_mask, build_workspace
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return build_workspace(tmp_path_factory.mktemp("maisi_ct_datasets"))
 
 
 class StopAfterSamples:
@@ -49,7 +54,7 @@ def _files(output_dir, suffixes=(".nii.gz", ".png")):
     return {p.name: p.read_bytes() for p in sorted(output_dir.iterdir()) if p.name.endswith(suffixes)}
 
 
-def test_mixed_manifest_in_one_run(workspace, tmp_path):  # noqa: F811
+def test_mixed_manifest_in_one_run(workspace, tmp_path):
     root, weights = workspace
     _write_mask(tmp_path / "user.nii.gz", [64, 64, 32], [6.0, 6.0, 8.0], _body_with_organs([64, 64, 32]))
     generator = _crafted_mask_generator(tmp_path)
@@ -77,7 +82,7 @@ def test_mixed_manifest_in_one_run(workspace, tmp_path):  # noqa: F811
     assert report["timings"]["total_s"] == pytest.approx(sum(s["timings"]["total_s"] for s in samples))
 
 
-def test_interrupted_run_resumes_without_regenerating(workspace, tmp_path):  # noqa: F811
+def test_interrupted_run_resumes_without_regenerating(workspace, tmp_path):
     root, weights = workspace
     overrides = _overrides(root, weights["rflow-ct"], tmp_path / "out", num_output_samples=3)
     with bundle_scripts(BUNDLE):
@@ -109,7 +114,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_loopback_write_the_same_bytes_as_one_process(workspace, tmp_path):  # noqa: F811
+def test_two_nodes_on_loopback_write_the_same_bytes_as_one_process(workspace, tmp_path):
     """torchrun --nnodes 2 (one launch per node rank, c10d rendezvous on 127.0.0.1) == a single process."""
     root, weights = workspace
     rows = [{"id": "a", "body_region": ["abdomen"], "anatomy_list": ["liver"], "num_samples": 2}, {"id": "b", "body_region": ["abdomen"], "anatomy_list": ["spleen"]}]
@@ -138,7 +143,7 @@ def test_two_nodes_on_loopback_write_the_same_bytes_as_one_process(workspace, tm
     assert records == ["a_0000_seed0.json", "a_0001_seed1.json", "b_0000_seed2.json", "generation_report.json"]
 
 
-def test_image_only_ct(workspace, tmp_path):  # noqa: F811
+def test_image_only_ct(workspace, tmp_path):
     root, weights = workspace
     overrides = _overrides(root, weights["rflow-ct"], tmp_path / "out")
     run_in_process(BUNDLE, ["inference.json", "inference_image_only.json"], overrides)
@@ -153,7 +158,7 @@ def test_image_only_ct(workspace, tmp_path):  # noqa: F811
     assert not list((tmp_path / "out").glob("*_label*"))
 
 
-def test_dicom_series_and_segmentation_read_back(workspace, tmp_path):  # noqa: F811
+def test_dicom_series_and_segmentation_read_back(workspace, tmp_path):
     import pydicom
 
     root, weights = workspace

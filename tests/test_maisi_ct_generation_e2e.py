@@ -77,9 +77,8 @@ def _tiny_weights(models_dir, version):
     }
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("maisi_ct")
+def build_workspace(root):
+    """A database with one exact-geometry mask, a user mask at another geometry, and tiny weights of both versions."""
     masks_dir = root / "datasets" / "masks"
     masks_dir.mkdir(parents=True)
     _write_mask(masks_dir / "case_exact.nii.gz", OUTPUT_SIZE, SPACING, _body_with_organs(OUTPUT_SIZE))
@@ -99,6 +98,11 @@ def workspace(tmp_path_factory):
     (root / "models").mkdir()
     weights = {version: _tiny_weights(root / "models", version) for version in VERSION_CONFIGS}
     return root, weights
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return build_workspace(tmp_path_factory.mktemp("maisi_ct"))
 
 
 def _overrides(root, weights, output_dir, **extra):

@@ -149,7 +149,7 @@ def test_trained_mr_controlnet_generates_from_a_brats_mask(workspace, tmp_path):
     run_bundle(BUNDLE, ["inference.json"], overrides)
     report = json.loads((tmp_path / "generated/generation_report.json").read_text())
     sample = report["samples"][0]
-    assert report["settings"]["trained_controlnet_path"] == str(exported) and sample["mask_source"] == f"user:{mask_path}"
+    assert report["settings"]["files"]["trained_controlnet_path"] == str(exported) and sample["mask_source"] == f"user:{mask_path}"
     image = nib.load(sample["image"])
     data = np.asarray(image.dataobj)
     assert image.shape == (128, 128, 128) and data.dtype == np.int16 and data.min() >= 0 and data.max() > 0

@@ -179,7 +179,7 @@ def test_rflow_mr_training_with_modality_dropout_then_generation(workspace, tmp_
     }
     run_bundle(BUNDLE, ["inference.json"], overrides)
     report = json.loads((tmp_path / "generated/generation_report.json").read_text())
-    assert report["settings"]["trained_diffusion_path"] == str(exported_path)
+    assert report["settings"]["files"]["trained_diffusion_path"] == str(exported_path)
     image = nib.load(report["samples"][0]["image"])
     data = np.asarray(image.dataobj)
     assert image.shape == (128, 128, 128) and data.dtype == np.int16 and data.min() >= 0 and data.max() > 0

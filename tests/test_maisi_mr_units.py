@@ -27,7 +27,7 @@ def scripts():
         import scripts.generation  # noqa: F401  (the bundle's own copies)
         import scripts.generation_mr  # noqa: F401
         import scripts.settings_mr  # noqa: F401
-        import scripts.value_checks  # noqa: F401
+        import scripts.value_checks  # noqa: F401  (check_controlnet_label_mapping)
 
         yield package
 

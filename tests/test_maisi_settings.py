@@ -399,9 +399,10 @@ def test_output_ext(v, monkeypatch):
     monkeypatch.setattr(writers, "_backend_available", lambda module: True)
     assert writers.check_output_ext("label_output_ext", ".nrrd") == ".nrrd"
     assert writers.check_output_ext("label_output_ext", "MHA") == ".mha"
-    for dicom in (".dcm", "dcm"):  # refused even with itk: int16 volumes cannot be one DICOM file
-        with _raises(f"label_output_ext={dicom!r} is not allowed", "DICOM", "'.nrrd'"):
-            v.check_output_ext("label_output_ext", dicom)
+    assert writers.check_output_ext("image_output_ext", "DCM") == ".dcm"  # a DICOM series (dicom.py)
+    monkeypatch.setattr(writers, "_backend_available", lambda module: module != "highdicom")
+    with _raises("image_output_ext='.dcm'", "needs highdicom", "pip install highdicom"):
+        writers.check_output_ext("image_output_ext", ".dcm")
 
 
 def test_output_ext_matches_monai_writers(v):

@@ -288,7 +288,7 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
     for key, value in networks.controlnet.state_dict().items():
         torch.testing.assert_close(value, exported["controlnet_state_dict"][key])
     report = json.loads((tmp_path / "generated" / "generation_report.json").read_text())
-    assert report["settings"]["trained_controlnet_path"] == tuned_path
+    assert report["settings"]["files"]["trained_controlnet_path"] == tuned_path
     sample = report["samples"][0]
     image = nib.load(sample["image"])
     labels = np.asarray(nib.load(sample["label"]).dataobj)

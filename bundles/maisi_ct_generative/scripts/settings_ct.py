@@ -241,7 +241,7 @@ def check_anatomy_in_database(
         where = ", ".join(BODY_REGIONS[r] for r in sorted(r for r in regions if r is not None)) or "no mask at all"
         if None in regions:
             where += " (and masks without region information)"
-        lines.append(f"{label_names.get(label, label)!r} ({label}): {where}")
+        lines.append(f"{label_names[label]!r} ({label}): {where}" if label in label_names else f"{label}: {where}")
     requested = [label_names.get(i, i) for i in anatomy_ids]
     raise ValueError(
         f"anatomy_list={requested!r} (ids {list(anatomy_ids)}) with body_region={[BODY_REGIONS[r] for r in region_indices]} "
