@@ -116,8 +116,8 @@ def make_phantom(shape: Sequence[int] = (96, 96, 48), spacing: Sequence[float] =
     ct[column], mr[column] = hu, intensity
     maisi[column], totalseg[column] = maisi_id, ts_id
     ct[table] = TABLE_HU
-    ct += rng.normal(0.0, 10.0, size=full).astype(np.float32)
-    mr = np.abs(mr + rng.normal(0.0, 12.0, size=full).astype(np.float32))  # Rician-like background
+    ct += 10.0 * rng.standard_normal(size=full, dtype=np.float32)
+    mr = np.abs(mr + 12.0 * rng.standard_normal(size=full, dtype=np.float32))  # Rician-like background
     affine = np.diag([*(float(s) for s in spacing), 1.0])
     affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(shape, spacing)]
     return Phantom(

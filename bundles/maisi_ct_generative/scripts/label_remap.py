@@ -39,6 +39,7 @@ __all__ = [
     "MAPPING_FILE_PREFIX",
     "LabelMapping",
     "RemapResult",
+    "as_label_ids",
     "load_mapping",
     "remap_labels",
     "shipped_mappings",
@@ -96,6 +97,25 @@ class RemapResult:
     labels: np.ndarray
     mapped: dict[int, dict[str, Any]]
     unmapped: dict[int, dict[str, Any]]
+
+
+def as_label_ids(labels: Any, where: str) -> np.ndarray:
+    """
+    ``labels`` as an integer array of label ids (float files holding whole numbers are converted).
+
+    Raises
+    ------
+    ValueError
+        naming ``where``, for non-integer, non-finite or negative values.
+    """
+    array = np.asarray(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{where} holds non-integer values; a label map holds integer label ids.")
+        array = array.astype(np.int64)
+    if array.size and int(array.min()) < 0:
+        raise ValueError(f"{where} holds negative values (min {int(array.min())}); label ids are >= 0.")
+    return array
 
 
 def shipped_mappings() -> dict[str, Path]:
@@ -224,13 +244,7 @@ def remap_labels(labels: np.ndarray, mapping: LabelMapping, unmapped: int = BODY
     """
     if isinstance(unmapped, bool) or not isinstance(unmapped, (int, np.integer)) or not 0 <= int(unmapped) <= _MAX_OUTPUT_ID:
         raise ValueError(f"unmapped={unmapped!r} is not allowed; use a label id in 0..{_MAX_OUTPUT_ID} (200 = body, 0 = background).")
-    array = np.asarray(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise ValueError("the label map holds non-integer values; it must hold integer label ids.")
-        array = array.astype(np.int64)
-    if array.size and int(array.min()) < 0:
-        raise ValueError(f"the label map holds negative ids (min {int(array.min())}); label ids are >= 0.")
+    array = as_label_ids(labels, "the label map")
     counts = np.bincount(array.ravel()) if array.size else np.zeros(1, dtype=np.int64)
     table = np.full(counts.size, int(unmapped), dtype=np.uint8)
     table[BACKGROUND_LABEL] = BACKGROUND_LABEL

@@ -61,11 +61,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .body_mask import FROM_LABELS_MARGIN_MM, OPENING_MM, add_body_label, image_envelope, labels_envelope
+from .body_mask import FROM_LABELS_MARGIN_MM, OPENING_MM, add_body_label, image_envelope, labels_envelope, voxel_spacing
 from .checkpoint import atomic_write
 from .constants import BODY_LABEL, BODY_REGIONS
 from .embeddings import LATENT_DOWNSAMPLE, LATENT_SUFFIX, make_sidecar, modality_code, sidecar_path
-from .label_remap import load_mapping, remap_labels
+from .label_remap import as_label_ids, load_mapping, remap_labels
 from .mask_checks import MaskRequest, check_user_mask, load_organ_volume_reference, reference_from_summaries, summarize_mask
 
 logger = logging.getLogger(__name__)
@@ -583,14 +583,6 @@ def _outputs(inputs: Sequence[Path], output_dir: str, protected: Sequence[str | 
     return targets
 
 
-def _integer_labels(data: np.ndarray, path: Path) -> np.ndarray:
-    if np.issubdtype(data.dtype, np.integer):
-        return data
-    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-        raise ValueError(f"label '{path}' holds non-integer values; a label map holds integer ids.")
-    return data.astype(np.int32)
-
-
 def _label_array(path: Path, canonical: bool = False) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A 3D label file's integer ids and its image; ``canonical`` reorients it to RAS first (as generation loads it)."""
     image = _load(path)
@@ -602,7 +594,7 @@ def _label_array(path: Path, canonical: bool = False) -> tuple[np.ndarray, nib.N
         data = np.asanyarray(image.dataobj)
     except Exception as error:
         raise ValueError(f"label '{path}' cannot be read: {error}") from error
-    return _integer_labels(data, path), image
+    return as_label_ids(data, f"label '{path}'"), image
 
 
 def remap(
@@ -753,7 +745,7 @@ def body_mask(
             existing = _label_array(labels[path])[0] if path in labels else None
         result = add_body_label(existing, envelope.mask)
         _save_nifti(targets[path], result, image.affine)
-        voxel_ml = float(np.prod(np.linalg.norm(image.affine[:3, :3], axis=0))) / 1000.0
+        voxel_ml = float(np.prod(voxel_spacing(image.affine))) / 1000.0
         added = int(np.count_nonzero(envelope.mask & (existing == 0))) if existing is not None else int(np.count_nonzero(envelope.mask))
         entries.append(
             {

@@ -50,6 +50,7 @@ from scipy import ndimage
 
 from .body_mask import voxel_spacing
 from .constants import BACKGROUND_LABEL, BODY_LABEL, MR_CONTROLNET_LABEL_MAP
+from .label_remap import as_label_ids
 
 __all__ = [
     "FINDING_CODES",
@@ -231,12 +232,7 @@ def summarize_mask(labels: np.ndarray, affine: np.ndarray, mask_path: str | os.P
         array = array[0]
     if array.ndim != 3:
         raise ValueError(f"mask_path={mask_path} has shape {array.shape}; a label map is 3D.")
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.array_equal(array, np.round(array)):
-            raise ValueError(f"mask_path={mask_path} holds non-integer values; it must be a label map of MAISI ids.")
-        array = array.astype(np.int64)
-    if int(array.min()) < 0:
-        raise ValueError(f"mask_path={mask_path} holds negative values; it must be a label map of MAISI ids.")
+    array = as_label_ids(array, f"mask_path={mask_path}")
     counts = np.bincount(array.ravel())
     ids = [int(i) for i in np.nonzero(counts)[0] if i != BACKGROUND_LABEL]
     if not ids:
