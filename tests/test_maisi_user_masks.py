@@ -421,8 +421,10 @@ def test_summarize_refuses_what_is_not_a_label_map(scripts, phantom):
         mc.summarize_mask(-np.ones((4, 4, 4), np.int16), np.eye(4), "m.nii.gz")
     with pytest.raises(ValueError, match="no foreground label"):
         mc.summarize_mask(np.zeros((4, 4, 4), np.uint8), np.eye(4), "m.nii.gz")
-    one_channel = mc.summarize_mask(torch.from_numpy(phantom.maisi_labels[None].astype(np.int16)), phantom.affine, "m.nii.gz")
-    assert one_channel.shape == SHAPE
+    # what generation holds: a (1, X, Y, Z) MetaTensor with its affine (masks.load_label_file)
+    loaded = MetaTensor(torch.from_numpy(phantom.maisi_labels[None].astype(np.int16)), affine=torch.from_numpy(phantom.affine))
+    one_channel = mc.summarize_mask(loaded, loaded.affine, "m.nii.gz")
+    assert one_channel.shape == SHAPE and one_channel.spacing == SPACING and one_channel.voxel_counts[1] == np.count_nonzero(phantom.maisi_labels == 1)
 
 
 def test_check_mask_and_organ_volumes_commands(scripts, phantom, good_mask, tmp_path):
