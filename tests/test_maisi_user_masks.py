@@ -164,6 +164,14 @@ def test_body_mask_command_through_fire(scripts, phantom, tmp_path, caplog):
     with pytest.raises(ValueError, match="do not give label_dir"):
         data_prep.body_mask(str(tmp_path / "lab"), str(tmp_path / "x"), label_dir=str(tmp_path / "lab"), from_labels=True)
     # envelope-only masks without labels; from labels only: an approximation, said in the log and the report
+    # labels stored as float (some tools do) or int64 are read as ids and written as integers
+    for dtype in (np.float32, np.int64):
+        header = nib.Nifti1Header()
+        header.set_data_dtype(dtype)
+        nib.save(nib.Nifti1Image(phantom.maisi_labels.astype(dtype), phantom.affine, header), str(tmp_path / "lab/case.nii.gz"))
+        data_prep.body_mask(str(tmp_path / "img"), str(tmp_path / f"out_{np.dtype(dtype).name}"), label_dir=str(tmp_path / "lab"))
+        again = nib.load(str(tmp_path / f"out_{np.dtype(dtype).name}/case.nii.gz"))
+        assert np.issubdtype(again.get_data_dtype(), np.integer) and np.array_equal(np.asarray(again.dataobj), result)
     only = data_prep.body_mask(str(tmp_path / "img"), str(tmp_path / "only"))
     assert set(np.unique(np.asarray(nib.load(str(tmp_path / "only/case.nii.gz")).dataobj))) == {0, 200} and only["files"][0]["label"] is None
     with caplog.at_level(logging.WARNING):
@@ -442,3 +450,48 @@ def test_check_mask_and_organ_volumes_commands(scripts, phantom, good_mask, tmp_
     findings = json.loads((tmp_path / "r.json").read_text())["findings"]
     assert [f["code"] for f in findings] == ["geometry_resampled"]  # bundle default spacing/output_size differ from the mask
     assert findings[0]["figures"]["spacing"] == [1.5, 1.5, 2.0] and findings[0]["figures"]["output_size"] == [256, 256, 256]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole path: another tool's mask without a body label -> remap -> body_mask -> check -> generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_totalsegmentator_mask_remapped_enveloped_checked_and_generated(scripts, phantom, label_dict, tmp_path):
+    """Issue 13's "done when": the three documented commands, then a (tiny-network) generation from the result."""
+    from monai.bundle import run
+    from test_maisi_ct_generation_e2e import TINY, _tiny_weights
+
+    data_prep, mc = scripts["data_prep"], scripts["mask_checks"]
+    geometry = {"spacing": [1.5, 1.5, 2.0], "output_size": [256, 256, 128]}
+    _save(tmp_path / "ct/case.nii.gz", phantom.ct, phantom.affine)
+    _save(tmp_path / "seg/case.nii.gz", phantom.totalseg_labels, phantom.affine)
+    before = data_prep.check_mask(str(tmp_path / "seg/case.nii.gz"), report=str(tmp_path / "before.json"), **geometry)
+    assert {f["code"] for f in before if f["severity"] == "refuse"} == {"unknown_label_ids"} and "no_body_label" in {f["code"] for f in before}
+    data_prep.main(["remap", str(tmp_path / "seg"), str(tmp_path / "seg_maisi"), "--mapping", "totalsegmentator_v2"])
+    data_prep.main(["body_mask", str(tmp_path / "ct"), str(tmp_path / "seg_body"), "--label_dir", str(tmp_path / "seg_maisi")])
+    mask_path = tmp_path / "seg_body/case.nii.gz"
+    after = data_prep.check_mask(str(mask_path), report=str(tmp_path / "after.json"), **geometry)
+    assert [f["code"] for f in after] == ["geometry_resampled"]  # only the resampling note is left
+    mc.raise_for_refusals([])
+    (tmp_path / "models").mkdir()
+    overrides = {
+        "bundle_root": str(CT_BUNDLE),
+        "output_dir": str(tmp_path / "out"),
+        "mask_path": str(mask_path),
+        "num_inference_steps": 1,
+        "quality_check_max_attempts": 1,
+        "progress": False,
+        **geometry,
+        **TINY,
+        **_tiny_weights(tmp_path / "models", "rflow-ct"),
+    }
+    run(config_file=str(CT_BUNDLE / "configs" / "inference.json"), **overrides)  # in-process, on the fixture's scripts
+    sample = json.loads((tmp_path / "out/generation_report.json").read_text())["samples"][0]
+    assert sample["mask_source"] == f"user:{mask_path}"
+    image, labels = nib.load(sample["image"]), np.asarray(nib.load(sample["label"]).dataobj)
+    assert image.shape == labels.shape == (256, 256, 128)
+    maisi_ids = {maisi for maisi, *_ in ORGANS.values()} | {37, 200}
+    assert set(np.unique(labels)) - {0} == maisi_ids  # MAISI ids and the body label, none of TotalSegmentator's
+    assert np.isfinite(np.asarray(image.dataobj)).all()

@@ -101,7 +101,7 @@ class RemapResult:
 
 def as_label_ids(labels: Any, where: str) -> np.ndarray:
     """
-    ``labels`` as an integer array of label ids (float files holding whole numbers are converted).
+    ``labels`` as an integer array of label ids (whole numbers stored as floats become ``int32``).
 
     Raises
     ------
@@ -112,7 +112,9 @@ def as_label_ids(labels: Any, where: str) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
             raise ValueError(f"{where} holds non-integer values; a label map holds integer label ids.")
-        array = array.astype(np.int64)
+        if array.size and float(np.abs(array).max()) > np.iinfo(np.int32).max:
+            raise ValueError(f"{where} holds ids beyond the int32 range; label ids are small integers.")
+        array = array.astype(np.int32)
     if array.size and int(array.min()) < 0:
         raise ValueError(f"{where} holds negative values (min {int(array.min())}); label ids are >= 0.")
     return array

@@ -324,7 +324,11 @@ def _resample_one(source: Path, target: Path, spacing: list[float], shape: list[
 
 
 def _save_nifti(target: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write a NIfTI file atomically (mm units)."""
+    """Write a NIfTI file atomically (mm units); 64-bit integers (which nibabel refuses) are stored as int32."""
+    if array.dtype in (np.int64, np.uint64):
+        if array.size and (int(array.min()) < np.iinfo(np.int32).min or int(array.max()) > np.iinfo(np.int32).max):
+            raise ValueError(f"'{target}': values beyond the int32 range cannot be written as labels.")
+        array = array.astype(np.int32)
 
     def write(tmp_name: str) -> None:
         image = nib.Nifti1Image(array, affine)

@@ -250,7 +250,7 @@ def summarize_mask(labels: np.ndarray, affine: np.ndarray, mask_path: str | os.P
 
 def placeholder_ids(label_dict: Mapping[str, int]) -> frozenset[int]:
     """
-    The ``dummy`` ids of ``label_dict.json`` no MAISI model uses (1..132 minus these are the organ ids).
+    The ``dummy`` ids of ``label_dict.json`` that no MAISI model uses: 2, 16, 18, 20 and 21 with the shipped file.
 
     ``dummy6``..``dummy8`` (129-131) are excluded: the MR ControlNet gets the BraTS tumour regions on them
     (``constants.MR_CONTROLNET_LABEL_MAP``) and the CT mask generator writes "kidney mass" as 129.
