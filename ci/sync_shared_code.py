@@ -105,6 +105,11 @@ def planned_copies(repo_root: Path, manifest: Mapping[str, Mapping[str, Sequence
     return plan
 
 
+def _folders(manifest: Mapping[str, Mapping[str, Sequence[str]]] | None, repo_root: Path, bundle: str) -> list[str]:
+    manifest = load_manifest(repo_root) if manifest is None else manifest
+    return list(manifest[bundle])
+
+
 def _generated_list_path(bundle: str) -> Path:
     return Path("bundles") / bundle / GENERATED_LIST
 
@@ -141,6 +146,25 @@ def _gitattributes_text(repo_root: Path, plan: Mapping[str, Sequence[Copy]]) -> 
     return "\n".join([*lines, *([""] if lines else []), *block]) + "\n"
 
 
+def _unplanned_copies(repo_root: Path, bundle: str, copies: Sequence[Copy], folders: Sequence[str]) -> list[Path]:
+    """
+    Files of a bundle's target folders that are byte copies of a ``common/`` file the manifest does not give it
+    (e.g. copied by an older manifest): stale copies that no list records.
+    """
+    planned = {copy.target for copy in copies}
+    sources: dict[str, list[bytes]] = {}
+    for path in (repo_root / "common").rglob("*"):
+        if path.is_file():
+            sources.setdefault(path.name, []).append(path.read_bytes())
+    stale = []
+    for folder in folders:
+        for path in sorted((repo_root / "bundles" / bundle / folder).glob("*")):
+            relative = path.relative_to(repo_root)
+            if path.is_file() and relative not in planned and path.read_bytes() in sources.get(path.name, []):
+                stale.append(relative)
+    return stale
+
+
 def sync_problems(repo_root: Path, manifest: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> list[str]:
     """
     Describe everything a sync would change: missing, drifted and orphaned copies, stale lists and attributes.
@@ -161,6 +185,8 @@ def sync_problems(repo_root: Path, manifest: Mapping[str, Mapping[str, Sequence[
         for orphan in _listed_copies(repo_root, bundle):
             if orphan not in planned and (repo_root / orphan).exists():
                 problems.append(f"{orphan}: orphaned copy (its source in common/ is gone or no longer listed for {bundle})")
+        for stale in _unplanned_copies(repo_root, bundle, copies, _folders(manifest, repo_root, bundle)):
+            problems.append(f"{stale}: a copy of a common/ file that the manifest does not give {bundle}")
         listing = repo_root / _generated_list_path(bundle)
         if not listing.is_file() or listing.read_text(encoding="utf-8") != _listing_text(bundle, copies):
             problems.append(f"{_generated_list_path(bundle)}: out of date")
@@ -176,7 +202,8 @@ def sync_copies(repo_root: Path, manifest: Mapping[str, Mapping[str, Sequence[st
     changed = []
     for bundle, copies in plan.items():
         planned = {copy.target for copy in copies}
-        for orphan in _listed_copies(repo_root, bundle):
+        stale = _unplanned_copies(repo_root, bundle, copies, _folders(manifest, repo_root, bundle))
+        for orphan in [*_listed_copies(repo_root, bundle), *stale]:
             if orphan not in planned and (repo_root / orphan).exists():
                 (repo_root / orphan).unlink()
                 changed.append(orphan)

@@ -1,4 +1,8 @@
-"""Unit tests of the MAISI data-preparation CLI (common/maisi/scripts/data_prep.py), in-process plus one `fire` call."""
+"""
+Unit tests of the MAISI data-preparation CLI (canonical: common/maisi/scripts/data_prep.py), in-process plus one
+`fire` call. They import the CT bundle's byte copy (tests/test_shared_code.py checks it is identical), because the
+defaults come from the bundle's configs/inference.json; the defaults of both bundles are tested at the end.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import pytest
 from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 
+CT_BUNDLE, MR_BUNDLE = BUNDLES_DIR / "maisi_ct_generative", BUNDLES_DIR / "maisi_mr_generative"
+
+
 @pytest.fixture(scope="module")
 def modules():
-    with bundle_scripts(BUNDLES_DIR / "maisi_ct_generative"):
+    with bundle_scripts(CT_BUNDLE):
         yield importlib.import_module("scripts.data_prep"), importlib.import_module("scripts.embeddings")
 
 
@@ -172,3 +179,37 @@ def test_fire_cli_from_the_bundle(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 1
     missing = subprocess.run([*command[:4], str(tmp_path / "nothing")], cwd=BUNDLES_DIR / "maisi_ct_generative", capture_output=True, text=True)
     assert missing.returncode != 0 and "is not a folder" in missing.stderr
+
+
+@pytest.mark.parametrize(("bundle", "modality", "pad", "code"), [(CT_BUNDLE, "ct", -1000, 1), (MR_BUNDLE, "mri_t1", 0, 9)])
+def test_defaults_follow_the_bundle_modality(bundle, modality, pad, code, tmp_path):
+    """Issue 9: every data_prep default follows the bundle's modality (configs/inference.json), e.g. the resample pad."""
+    image = np.zeros((20, 16, 12), dtype=np.float32)  # MR-like: 0 background, 1 mm
+    image[4:-4, 4:-4, 2:-2] = 300.0
+    _write(tmp_path / "img/a.nii.gz", image)
+    with bundle_scripts(bundle):
+        data_prep = importlib.import_module("scripts.data_prep")
+        assert data_prep.bundle_default("modality") == modality
+        assert json.loads((bundle / "configs" / "inference.json").read_text())["modality"] == modality
+        data_prep.resample(str(tmp_path / "img"), str(tmp_path / "out"), spacing=[1.0, 1.0, 1.0], shape=[24, 24, 12])
+        content = data_prep.datalist(str(tmp_path / "img"), str(tmp_path / "d.json"), num_folds=1)
+        check = data_prep.check(str(tmp_path / "img"), report=str(tmp_path / "r.json"))
+    resampled = np.asarray(nib.load(str(tmp_path / "out/images/a.nii.gz")).dataobj)
+    assert resampled[0, 0, 0] == pad and resampled[12, 12, 6] == 300.0
+    assert content["training"][0]["modality"] == code
+    # an image without air below -500 HU looks wrong only as CT
+    assert any("Hounsfield" in w for w in check["warnings"]) == (modality == "ct")
+
+
+def test_defaults_outside_a_bundle_name_the_missing_config(tmp_path):
+    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+        data_prep = importlib.import_module("scripts.data_prep")
+        _write(tmp_path / "img/a.nii.gz", _ct())
+        with pytest.raises(ValueError, match=r"modality is not given and .*configs/inference.json does not exist.*give --modality"):
+            data_prep.resample(str(tmp_path / "img"), str(tmp_path / "out"), spacing=[1, 1, 1])
+        data_prep.resample(str(tmp_path / "img"), str(tmp_path / "out"), spacing=[1, 1, 1], modality="mri")  # explicit works
+        (tmp_path / "b/configs").mkdir(parents=True)
+        (tmp_path / "b/configs/inference.json").write_text(json.dumps({"modality": "$@something"}))
+        with pytest.raises(ValueError, match="holds no plain value"):
+            data_prep.bundle_default("modality", bundle_root=tmp_path / "b")
+    assert nib.load(str(tmp_path / "out/images/a.nii.gz")).shape == (20, 16, 12)

@@ -54,6 +54,15 @@ def test_missing_drifted_and_orphaned_copies_are_detected_and_synced(tmp_path: P
     assert sync_problems(tmp_path) == []
 
 
+def test_unlisted_stale_copies_are_detected_and_removed(tmp_path: Path):
+    _tiny_repo(tmp_path, {"one": {"scripts": ["pkg/a.py"]}})
+    sync_copies(tmp_path)
+    (tmp_path / "bundles/one/scripts/b.py").write_text("B = 1\n")  # a copy of common/pkg/b.py no list records
+    assert sync_problems(tmp_path) == ["bundles/one/scripts/b.py: a copy of a common/ file that the manifest does not give one"]
+    sync_copies(tmp_path)
+    assert not (tmp_path / "bundles/one/scripts/b.py").exists() and sync_problems(tmp_path) == []
+
+
 def test_bundle_own_files_are_never_touched(tmp_path: Path):
     _tiny_repo(tmp_path, {"one": {"scripts": ["pkg/a.py"]}})
     (tmp_path / "bundles/one/scripts/own.py").write_text("OWN = 1\n")

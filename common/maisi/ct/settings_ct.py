@@ -47,6 +47,7 @@ from .mask_database import (
     read_database_entries,
     regions_by_anatomy,
 )
+from .mask_checks import MaskFinding, MaskRequest, check_user_mask, load_organ_volume_reference, raise_for_refusals, summarize_mask
 from .mask_generation import check_controllable_anatomy_size
 from .modality import load_modality_mapping, resolve_modality
 from .sample_store import SampleStore
@@ -284,30 +285,39 @@ class CTRequest(RequestBase):
     controllable_anatomy_size: tuple[tuple[str, float], ...] = ()
 
 
-def check_user_mask_ct(path: Any, output_size: Sequence[int], spacing: Sequence[float], version: str) -> None:
+def check_user_mask_ct(
+    path: Any, request: CTRequest, version: str, label_dict: Mapping[str, int], strict: bool, reference: Any
+) -> list[MaskFinding]:
     """
-    Check a CT user mask (``mask_path``) at the requested geometry, without any weights.
+    Check a CT user mask (``mask_path``) for a request, without any weights, and return the findings to report.
 
-    The map must be one channel of non-negative integer MAISI ids with foreground left after resampling to
-    ``output_size``/``spacing``, ids at most 255 (the ControlNet condition is 8 bit planes), and for ddpm-ct the
-    labels that mark its body regions.
+    The map must be one channel of non-negative integer MAISI ids, ids at most 255 (the ControlNet condition is 8
+    bit planes), with foreground left after resampling to the request's geometry, and for ddpm-ct the labels
+    that mark its body regions. The mask checks (``mask_checks.check_user_mask``) add what a user mask from
+    another tool usually lacks: a body label (refused when ``strict``, ``mask_check_strict``), MAISI ids,
+    plausible organ volumes, a trained field of view, labels beyond a thin slab, the geometry to resample.
     """
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         raise ValueError(f"mask_path={str(path)!r} does not exist or is not a file.")
     try:
-        mask = resample_mask(load_label_file(path, "cpu", strict=True), spacing, output_size)
+        raw = load_label_file(path, "cpu", strict=True)
     except ValueError as error:
         raise ValueError(f"mask_path={str(path)!r}: {error}") from error
-    if not bool((mask > 0).any()):
-        raise ValueError(
-            f"mask_path={str(path)!r} has no foreground label left at output_size={list(output_size)}, "
-            f"spacing={list(spacing)} (the field of view misses the labelled region)."
-        )
-    too_large = torch.unique(mask[mask > MAX_CONTROLNET_LABEL]).tolist()
+    too_large = torch.unique(raw[raw > MAX_CONTROLNET_LABEL]).tolist()
     if too_large:
         raise ValueError(
             f"mask_path={str(path)!r} holds label ids above {MAX_CONTROLNET_LABEL}: {format_ids(too_large)}. CT masks use "
             f"the MAISI ids of label_dict.json (0..{MAX_CONTROLNET_LABEL}); remap them with `python -m scripts.data_prep remap`."
+        )
+    findings = check_user_mask(
+        summarize_mask(raw, raw.affine, path), MaskRequest(request.spacing, request.output_size, "ct", strict), label_dict, reference
+    )
+    raise_for_refusals(findings)
+    mask = resample_mask(raw, request.spacing, request.output_size)
+    if not bool((mask > 0).any()):
+        raise ValueError(
+            f"mask_path={str(path)!r} has no foreground label left at output_size={list(request.output_size)}, "
+            f"spacing={list(request.spacing)} (the field of view misses the labelled region)."
         )
     if version == "ddpm-ct":
         try:
@@ -318,6 +328,7 @@ def check_user_mask_ct(path: Any, output_size: Sequence[int], spacing: Sequence[
                 f"mask_path={str(path)!r} with version='ddpm-ct': the mask holds none of the labels that mark its body "
                 f"regions ({error}); ddpm-ct needs at least one of them per region it covers: {needed}."
             ) from error
+    return findings
 
 
 class CTGenerationSettings(GenerationSettings):
@@ -365,10 +376,12 @@ class CTGenerationSettings(GenerationSettings):
         image_output_ext: Any = ".nii.gz",
         label_output_ext: Any = ".nii.gz",
         overwrite: Any = False,
+        mask_check_strict: Any = False,
         progress: Any = True,
         bundle_root: Any = ".",
     ) -> None:
         self.version = check_version(version, CT_VERSIONS, "CT")
+        self.mask_check_strict = check_bool("mask_check_strict", mask_check_strict)
         self.image_only = check_bool("image_only", image_only)
         if self.image_only and self.version != "rflow-ct":
             raise ValueError(
@@ -525,12 +538,18 @@ class CTGenerationSettings(GenerationSettings):
         return candidates
 
     def _check_user_masks(self) -> None:
+        """Check every user mask; keep the findings (warnings are logged) for the run report."""
         users = [(r, w) for r, w in zip(self.requests, self.request_places) if r.mask_source == USER_MASK]
+        reference = load_organ_volume_reference(self.all_files.get("organ_volume_reference")) if users else None
+        self.mask_findings: dict[str, list[dict[str, Any]]] = {}
         for request, where in tqdm(users, desc="checking user masks", unit="mask", disable=not self.progress or len(users) < 2):
             try:
-                check_user_mask_ct(request.mask_path, request.output_size, request.spacing, self.version)
+                findings = check_user_mask_ct(request.mask_path, request, self.version, self.label_dict, self.mask_check_strict, reference)
             except ValueError as error:
                 raise in_row(where, error) from error
+            for finding in findings:
+                logger.warning("%s%s", f"{where}: " if where else "", finding.message)
+            self.mask_findings[request.request_id] = [f.to_dict() for f in findings]
 
     def prepare(self) -> None:
         """
@@ -561,3 +580,6 @@ class CTGenerationSettings(GenerationSettings):
             "augment_masks": self.augment_masks,
             "label_output_ext": self.label_output_ext,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "mask_check_strict": self.mask_check_strict, "mask_findings": self.mask_findings}

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from .label_io import load_label_file, resample_mask
-from .labels import remap_mr_labels_for_controlnet
+from .labels import load_label_dict, remap_mr_labels_for_controlnet
+from .mask_checks import MaskRequest, check_user_mask, load_organ_volume_reference, raise_for_refusals, summarize_mask
 from .modality import load_modality_mapping, resolve_modality
 from .sample_store import SampleStore
 from .settings import (
@@ -211,6 +212,7 @@ class MRGenerationSettings(GenerationSettings):
         modality: Any,
         files: Mapping[str, Any],
         modality_mapping_json: Any,
+        label_dict_json: Any,
         output_dir: Any,
         num_output_samples: Any = 1,
         random_seed: Any = 0,
@@ -227,10 +229,13 @@ class MRGenerationSettings(GenerationSettings):
         memory_budget_gb: Any = None,
         image_output_ext: Any = ".nii.gz",
         overwrite: Any = False,
+        mask_check_strict: Any = False,
         progress: Any = True,
         bundle_root: Any = ".",
     ) -> None:
         self.version = check_version(version, MR_VERSIONS, "MR")
+        self.mask_check_strict = check_bool("mask_check_strict", mask_check_strict)
+        self.label_dict = load_label_dict(label_dict_json)
         num_samples, seed = check_run_ids(num_output_samples, random_seed)
         self.modality_mapping = load_modality_mapping(modality_mapping_json)
         self.num_inference_steps = check_num_steps(
@@ -288,12 +293,27 @@ class MRGenerationSettings(GenerationSettings):
             raise in_row(where, error) from error
 
     def _check_masks(self) -> None:
+        """Check every user mask (loadable, mappable, the mask checks); keep the findings for the run report."""
         with_masks = [(r, w) for r, w in zip(self.requests, self.request_places) if r.mask_path is not None]
+        reference = load_organ_volume_reference() if with_masks else None
+        self.mask_findings: dict[str, list[dict[str, Any]]] = {}
         for request, where in tqdm(with_masks, desc="checking masks", unit="mask", disable=not self.progress or len(with_masks) < 2):
             try:
-                self.load_mask(request)
+                mask = self.load_mask(request)
+                raw = load_label_file(request.mask_path, "cpu", strict=True)
+                findings = check_user_mask(
+                    summarize_mask(raw, raw.affine, request.mask_path),
+                    MaskRequest(request.spacing, request.output_size, "mr", self.mask_check_strict),
+                    self.label_dict,
+                    reference,
+                )
+                raise_for_refusals(findings)
             except ValueError as error:
                 raise in_row(where, error) from error
+            del mask
+            for finding in findings:
+                logger.warning("%s%s", f"{where}: " if where else "", finding.message)
+            self.mask_findings[request.request_id] = [f.to_dict() for f in findings]
 
     def load_mask(self, request: MRRequest) -> MRMask | None:
         """The request's mask at its geometry, mapped for the ControlNet; ``None`` for image-only requests."""
@@ -313,3 +333,6 @@ class MRGenerationSettings(GenerationSettings):
             "controlnet_label_mapping": self.controlnet_label_mapping,
             "zero_outside_mask": self.zero_outside_mask,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "mask_check_strict": self.mask_check_strict, "mask_findings": self.mask_findings}
