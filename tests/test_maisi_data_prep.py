@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -202,7 +203,8 @@ def test_defaults_follow_the_bundle_modality(bundle, modality, pad, code, tmp_pa
 
 
 def test_defaults_outside_a_bundle_name_the_missing_config(tmp_path):
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    shutil.copytree(CT_BUNDLE / "scripts", tmp_path / "no_bundle" / "scripts")  # the scripts without a bundle around them
+    with bundle_scripts(tmp_path / "no_bundle"):
         data_prep = importlib.import_module("scripts.data_prep")
         _write(tmp_path / "img/a.nii.gz", _ct())
         with pytest.raises(ValueError, match=r"modality is not given and .*configs/inference.json does not exist.*give --modality"):

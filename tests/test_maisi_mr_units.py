@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import nibabel as nib
@@ -24,11 +25,8 @@ PUBLISHED = {
 @pytest.fixture(scope="module")
 def scripts():
     with bundle_scripts(BUNDLE) as package:
-        import scripts.generation  # noqa: F401  (the bundle's own copies)
-        import scripts.generation_mr  # noqa: F401
-        import scripts.settings_mr  # noqa: F401
-        import scripts.value_checks  # noqa: F401  (check_controlnet_label_mapping)
-
+        for name in ("generation", "generation_mr", "settings_mr", "value_checks"):  # the bundle's own copies
+            importlib.import_module(f"scripts.{name}")
         yield package
 
 

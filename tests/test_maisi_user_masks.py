@@ -31,7 +31,7 @@ SHAPE = (96, 96, 48)
 @pytest.fixture(scope="module")
 def scripts():
     with bundle_scripts(CT_BUNDLE):
-        yield {name: importlib.import_module(f"scripts.{name}") for name in ("body_mask", "label_remap", "mask_checks", "data_prep", "validation")}
+        yield {name: importlib.import_module(f"scripts.{name}") for name in ("body_mask", "label_remap", "mask_checks", "data_prep", "labels")}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def phantom():
 
 @pytest.fixture(scope="module")
 def label_dict(scripts):
-    return scripts["validation"].load_label_dict(CT_BUNDLE / "configs" / "label_dict.json")
+    return scripts["labels"].load_label_dict(CT_BUNDLE / "configs" / "label_dict.json")
 
 
 def _dice(a, b):
@@ -429,7 +429,7 @@ def test_summarize_refuses_what_is_not_a_label_map(scripts, phantom):
         mc.summarize_mask(-np.ones((4, 4, 4), np.int16), np.eye(4), "m.nii.gz")
     with pytest.raises(ValueError, match="no foreground label"):
         mc.summarize_mask(np.zeros((4, 4, 4), np.uint8), np.eye(4), "m.nii.gz")
-    # what generation holds: a (1, X, Y, Z) MetaTensor with its affine (masks.load_label_file)
+    # what generation holds: a (1, X, Y, Z) MetaTensor with its affine (label_io.load_label_file)
     loaded = MetaTensor(torch.from_numpy(phantom.maisi_labels[None].astype(np.int16)), affine=torch.from_numpy(phantom.affine))
     one_channel = mc.summarize_mask(loaded, loaded.affine, "m.nii.gz")
     assert one_channel.shape == SHAPE and one_channel.spacing == SPACING and one_channel.voxel_counts[1] == np.count_nonzero(phantom.maisi_labels == 1)
