@@ -1,17 +1,20 @@
-"""Helpers shared by the bundle tests: running bundle configs in a subprocess and importing a bundle's scripts."""
+"""Helpers shared by the bundle tests: running bundle configs (in a subprocess or in-process) and importing a bundle's scripts."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+from monai.bundle import ConfigParser
 
 from demo.runner import BUNDLES_DIR, REPO_ROOT, run_bundle
 
-__all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "run_bundle"]
+__all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "run_bundle", "run_in_process"]
 
 
 @contextlib.contextmanager
@@ -35,3 +38,23 @@ def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
     finally:
         sys.path.remove(str(bundle_dir))
         purge()
+
+
+def run_in_process(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+    """
+    Run ``config_files`` (relative to ``configs/``) with ``overrides`` in this process, as ``python -m monai.bundle run``
+    runs them: ``initialize``, ``run``, then ``finalize``, with the bundle's ``scripts`` importable.
+
+    For tests in which the command line proves nothing extra; each path keeps one ``run_bundle`` (subprocess or
+    ``torchrun``) test for the command line itself. Returns the parser, so that the objects the run built (networks,
+    trainer) can be inspected.
+    """
+    with bundle_scripts(bundle_dir):
+        parser = ConfigParser()
+        parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
+        parser.read_config([str(bundle_dir / "configs" / name) for name in config_files])
+        for key, value in (overrides or {}).items():
+            parser[key] = value
+        for section in ("initialize", "run", "finalize"):
+            parser.get_parsed_content(section)
+    return parser
