@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("maisi_diffusion")
-    paths = simulated_embeddings(BUNDLE, root, NUM_IMAGES, SHAPE, SPACING)
+    paths = simulated_embeddings(BUNDLE, root, NUM_IMAGES, SHAPE, SPACING, run=run_in_process)
     return root, {"autoencoder_def": paths["trained_autoencoder_path"], "controlnet_def": paths["trained_controlnet_path"]}
 
 

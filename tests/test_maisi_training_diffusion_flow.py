@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("maisi_diffusion_flow")
-    return root, simulated_embeddings(BUNDLE, root, NUM_IMAGES)
+    return root, simulated_embeddings(BUNDLE, root, NUM_IMAGES, run=run_in_process)
 
 
 def _train_overrides(paths, output_dir, **extra):
