@@ -279,6 +279,19 @@ def test_region_contrastive_loss(workspace, tmp_path):
     assert all(t["loss"] == pytest.approx(t["l1_loss"] + t["region_contrastive_loss"], rel=1e-5) for t in terms)
 
 
+def test_region_contrastive_loss_needs_the_lesion_free_prediction():
+    with bundle_scripts(BUNDLE):
+        from scripts.controlnet_training import ControlNetLoss
+
+        loss = ControlNetLoss(torch.nn.L1Loss(reduction="none"), [NEW_LABEL], 10.0, use_region_contrastive_loss=True, region_contrastive_loss_weight=1.0)
+        prediction = {"pred": torch.zeros(1, 4, 2, 2, 2)}
+        targets = {"target": torch.ones(1, 4, 2, 2, 2), "label": torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)}
+        with pytest.raises(ValueError, match="lesion_free_condition"):
+            loss(prediction, targets)
+        loss.use_region_contrastive_loss = False
+        assert float(loss(prediction, targets)) == 1.0 and float(loss.terms["l1_loss"]) == 1.0
+
+
 def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
     root, weights = workspace
     overrides = _overrides(root, weights["rflow-ct"], tmp_path / "run", max_epochs=1)
@@ -349,6 +362,7 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
         ({"weighted_loss": 0.5}, "weighted_loss=0.5"),
         ({"use_region_contrastive_loss": "yes"}, "use_region_contrastive_loss='yes'"),
         ({"lr": -1.0}, "lr=-1.0"),
+        ({"lr_schedule": "yes"}, "lr_schedule='yes'"),
         ({"validation_fold": 1, "datalist_file": "missing.json"}, "datalist_file=missing.json"),
         ({"controlnet_init_path": "missing_controlnet.pt"}, "controlnet_init_path=missing_controlnet.pt"),
         ({"trained_diffusion_path": "missing_unet.pt"}, "trained_diffusion_path=missing_unet.pt"),

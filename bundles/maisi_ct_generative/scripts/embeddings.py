@@ -175,6 +175,16 @@ def make_sidecar(
     }
 
 
+def _write_json(path: Path, content: Any) -> Path:
+    """Write ``content`` as indented JSON, atomically."""
+
+    def write(tmp_name: str) -> None:
+        with open(tmp_name, "w") as handle:
+            json.dump(content, handle, indent=4)
+
+    return atomic_write(path, write, suffix=".json")
+
+
 def write_latent(
     path: str | os.PathLike, latent: torch.Tensor | np.ndarray, spacing: Sequence[float], sidecar: Mapping[str, Any]
 ) -> Path:
@@ -221,12 +231,8 @@ def write_latent(
         image.header.set_xyzt_units("mm")
         nib.save(image, tmp_name)
 
-    def write_json(tmp_name: str) -> None:
-        with open(tmp_name, "w") as handle:
-            json.dump(checked, handle, indent=4)
-
     atomic_write(path, write_nifti, suffix=".nii.gz")
-    atomic_write(sidecar_path(path), write_json, suffix=SIDECAR_SUFFIX)
+    _write_json(sidecar_path(path), checked)
     return path
 
 
@@ -605,16 +611,12 @@ def write_latent_datalist(
         return datalist_path
     entries = []
     for item in items:
-        entry = {"image": os.path.relpath(latent_path_for(item["image"], embedding_dir), datalist_path.parent), "fold": int(item.get("fold", 0))}
+        latent = latent_path_for(item["image"], embedding_dir)
+        entry = {"image": os.path.relpath(latent, datalist_path.parent), "fold": int(item.get("fold", 0))}
         if item.get("label") is not None:
             entry["label"] = str(Path(item["label"]).resolve())
         entries.append(entry)
-
-    def write_json(tmp_name: str) -> None:
-        with open(tmp_name, "w") as handle:
-            json.dump({"training": entries}, handle, indent=4)
-
-    return atomic_write(datalist_path, write_json, suffix=".json")
+    return _write_json(datalist_path, {"training": entries})
 
 
 def create_embeddings(
