@@ -36,6 +36,13 @@ def test_non_negative_names_the_first_bad_entry(checks):
         checks.check_non_negative({"kl_weight": 0.0, "adv_weight": -0.5, "perceptual_weight": -1})
 
 
+@pytest.mark.parametrize("value", [0, 1, "true", None])
+def test_bool_refuses_numbers_and_strings(checks, value):
+    assert checks.check_bool("resume", True) is True and checks.check_bool("resume", False) is False
+    with pytest.raises(ValueError, match=rf"^resume={value!r} is not allowed; it must be true or false\.$"):
+        checks.check_bool("resume", value)
+
+
 def test_amp_needs_a_boolean_and_cuda(checks):
     assert checks.check_amp(False, "cpu") is False
     with pytest.raises(ValueError, match=r"amp=True is not allowed on device=cpu; mixed precision needs a CUDA device"):

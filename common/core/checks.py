@@ -28,12 +28,27 @@ import torch
 
 __all__ = [
     "check_amp",
+    "check_bool",
     "check_export_path",
     "check_files_exist",
     "check_non_negative",
     "check_positive_int",
     "check_positive_number",
 ]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """
+    Return ``value`` if it is ``true`` or ``false`` (not 0/1, not a string).
+
+    Raises
+    ------
+    ValueError
+        naming the config id ``name`` and the value.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not allowed; it must be true or false.")
+    return value
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -87,8 +102,7 @@ def check_amp(amp: Any, device: torch.device | str) -> bool:
     ValueError
         naming ``amp``, its value and the device.
     """
-    if not isinstance(amp, bool):
-        raise ValueError(f"amp={amp!r} is not allowed; it must be true or false.")
+    check_bool("amp", amp)
     if amp and torch.device(device).type != "cuda":
         raise ValueError(f"amp=True is not allowed on device={device}; mixed precision needs a CUDA device (set --amp false).")
     return amp

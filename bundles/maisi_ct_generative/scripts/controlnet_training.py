@@ -41,7 +41,7 @@ from monai.networks.utils import copy_model_state
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd
 
 from .checkpoint import load_network_weights, unwrap_module
-from .checks import check_amp, check_non_negative, check_positive_int, check_positive_number
+from .checks import check_amp, check_bool, check_non_negative, check_positive_int, check_positive_number
 from .constants import MAX_CONTROLNET_LABEL
 from .diffusion_training import noisy_latents_and_target, polynomial_decay, unet_condition_inputs
 from .embeddings import LATENT_DOWNSAMPLE, LoadLatentd
@@ -87,8 +87,7 @@ def check_controlnet_training_settings(
     check_positive_int("max_epochs", max_epochs)
     check_positive_number("lr", lr)
     check_positive_int("batch_size", batch_size)
-    if not isinstance(lr_schedule, bool):
-        raise ValueError(f"lr_schedule={lr_schedule!r} is not allowed; it must be true or false.")
+    check_bool("lr_schedule", lr_schedule)
     check_amp(amp, device)
 
 
@@ -116,8 +115,7 @@ def check_controlnet_loss_settings(
         )
     if isinstance(weighted_loss, bool) or not isinstance(weighted_loss, Real) or not 1 <= float(weighted_loss) < float("inf"):
         raise ValueError(f"weighted_loss={weighted_loss!r} is not allowed; it must be a finite number >= 1 (1 disables it).")
-    if not isinstance(use_region_contrastive_loss, bool):
-        raise ValueError(f"use_region_contrastive_loss={use_region_contrastive_loss!r} is not allowed; it must be true or false.")
+    check_bool("use_region_contrastive_loss", use_region_contrastive_loss)
     check_non_negative(
         {"region_contrastive_loss_weight": region_contrastive_loss_weight, "region_contrastive_loss_delta": region_contrastive_loss_delta}
     )
@@ -259,8 +257,7 @@ def lr_factor(lr_schedule: bool, total_iters: int, power: float = 2.0) -> Callab
     ``LambdaLR`` keeps no schedule length in its checkpointed state (``PolynomialLR`` does), so a run resumed
     with a larger ``max_epochs`` continues the decay over the new length instead of training at LR 0.
     """
-    if not isinstance(lr_schedule, bool):
-        raise ValueError(f"lr_schedule={lr_schedule!r} is not allowed; it must be true or false.")
+    check_bool("lr_schedule", lr_schedule)
     return polynomial_decay(total_iters, power) if lr_schedule else constant_lr_factor
 
 
@@ -306,8 +303,7 @@ class ControlNetPrepareBatch(PrepareBatch):
         self, scheduler: Scheduler, diffusion_unet: torch.nn.Module, scale_factor: float, lesion_free_condition: bool = False
     ) -> None:
         check_positive_number("scale_factor", scale_factor)
-        if not isinstance(lesion_free_condition, bool):
-            raise ValueError(f"lesion_free_condition={lesion_free_condition!r} is not allowed; it must be true or false.")
+        check_bool("lesion_free_condition", lesion_free_condition)
         self.scheduler = scheduler
         self.diffusion_unet = diffusion_unet
         self.scale_factor = float(scale_factor)

@@ -35,7 +35,7 @@ from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 
 from .checkpoint import LAST_CHECKPOINT_NAME, load_network_weights, unwrap_module
-from .checks import check_positive_int, check_positive_number
+from .checks import check_bool, check_positive_int, check_positive_number
 from .constants import (
     CT_MODALITY_CODES,
     GENERIC_CT_CODE,
@@ -312,8 +312,7 @@ def load_pretrained_unet(
     ValueError
         ``finetune`` is true but the file does not exist (naming ``trained_diffusion_path``).
     """
-    if not isinstance(finetune, bool):
-        raise ValueError(f"finetune={finetune!r} must be true or false.")
+    check_bool("finetune", finetune)
     if not finetune:
         return None
     path = Path(trained_diffusion_path)
