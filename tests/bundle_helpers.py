@@ -8,11 +8,12 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-from monai.bundle import ConfigParser
+from typing import TYPE_CHECKING, Any
 
 from demo.runner import BUNDLES_DIR, REPO_ROOT, run_bundle
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
 
 __all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "run_bundle", "run_in_process"]
 
@@ -49,6 +50,8 @@ def run_in_process(bundle_dir: Path, config_files: Sequence[str], overrides: Map
     ``torchrun``) test for the command line itself. Returns the parser, so that the objects the run built (networks,
     trainer) can be inspected.
     """
+    from monai.bundle import ConfigParser  # imported here: the other helpers do not need MONAI
+
     with bundle_scripts(bundle_dir):
         parser = ConfigParser()
         parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
