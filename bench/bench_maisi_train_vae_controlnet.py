@@ -18,8 +18,9 @@ full-size networks (random weights) and synthetic data written to a temporary fo
 1. autoencoder (``VAEGANTrainer``): batch 1, one ``--vae-patch`` CT patch per iteration, L1 + KL +
    adversarial (PatchDiscriminator) + perceptual (2.5D ResNet50, ``fake_3d_ratio`` 0.2, random local
    weights written to the temporary folder) terms, generator and discriminator updates;
-2. ControlNet (``ControlNetTrainer``): batch 1, a ``--latent`` latent with its 4x mask, frozen diffusion
-   UNet, rectified flow, weighted L1 loss; ``--region-contrastive`` adds the second ControlNet pass.
+2. ControlNet (``SupervisedTrainer`` with ``ControlNetPrepareBatch``/``Inferer``/``Loss``): batch 1, a
+   ``--latent`` latent with its 4x mask, frozen diffusion UNet, rectified flow, weighted L1 loss;
+   ``--region-contrastive`` adds the second ControlNet pass.
 
 Each trainer runs one epoch of ``--warmup + --iterations`` iterations; the time between
 ``ITERATION_STARTED`` and ``ITERATION_COMPLETED`` of the timed iterations is reported (mean / median /
@@ -185,7 +186,7 @@ def bench_autoencoder(root: Path, args: argparse.Namespace, common: Mapping[str,
 
 
 def bench_controlnet(root: Path, args: argparse.Namespace, common: Mapping[str, Any]) -> dict[str, Any]:
-    """Seconds per ``ControlNetTrainer`` iteration at ``--latent`` (frozen UNet, rectified flow)."""
+    """Seconds per ControlNet training iteration at ``--latent`` (frozen UNet, rectified flow)."""
     import scripts.embeddings as embeddings
 
     datalist = _write_controlnet_data(root, args.latent, 1, embeddings)

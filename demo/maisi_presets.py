@@ -20,7 +20,7 @@ training tutorial (spheres in a volume, here in Hounsfield units with a label ma
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -154,15 +154,23 @@ def write_datalist(path: str | Path, items: Sequence[Mapping[str, object]]) -> P
     return path
 
 
-def simulated_embeddings(bundle_dir: str | Path, root: str | Path, num_images: int = 4, shape: Sequence[int] = (32, 32, 32), spacing: Sequence[float] = (1.5, 1.5, 2.0)) -> dict[str, str]:
+def simulated_embeddings(
+    bundle_dir: str | Path,
+    root: str | Path,
+    num_images: int = 4,
+    shape: Sequence[int] = (32, 32, 32),
+    spacing: Sequence[float] = (1.5, 1.5, 2.0),
+    run: Callable[[Path, Sequence[str], Mapping[str, object]], object] | None = None,
+) -> dict[str, str]:
     """
     The first steps of the simulated-data flow, through the bundle's own code and configs.
 
     Simulates the dataset under ``root/data``, writes its datalist with ``scripts.data_prep datalist``
     (2 folds, body regions from the labels), writes a tiny initial autoencoder (and ControlNet, for
     generation) under ``root/models``, and encodes the images with ``configs/create_embeddings.json``
-    into ``root/embeddings``. Returns the paths: ``trained_autoencoder_path``, ``trained_controlnet_path``,
-    ``latent_datalist_file``.
+    into ``root/embeddings``, run by ``run(bundle_dir, config_files, overrides)`` (default
+    ``demo.runner.run_bundle``, the command line; tests pass an in-process runner). Returns the paths:
+    ``trained_autoencoder_path``, ``trained_controlnet_path``, ``latent_datalist_file``.
     """
     import subprocess
     import sys
@@ -186,7 +194,7 @@ def simulated_embeddings(bundle_dir: str | Path, root: str | Path, num_images: i
         "progress": False,
         **MAISI_TINY,
     }
-    run_bundle(bundle_dir, ["inference.json", "create_embeddings.json"], overrides)
+    (run or run_bundle)(bundle_dir, ["inference.json", "create_embeddings.json"], overrides)
     return {
         "trained_autoencoder_path": weights["autoencoder_def"],
         "trained_controlnet_path": weights["controlnet_def"],

@@ -1,15 +1,19 @@
-"""Helpers shared by the bundle tests: running bundle configs in a subprocess and importing a bundle's scripts."""
+"""Helpers shared by the bundle tests: running bundle configs (in a subprocess or in-process) and importing a bundle's scripts."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from demo.runner import BUNDLES_DIR, REPO_ROOT, run_bundle
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
 
 __all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "parse_bundle_config", "run_bundle", "run_in_process"]
 
@@ -35,24 +39,29 @@ def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
         purge()
 
 
-def parse_bundle_config(bundle_dir: Path, config_files: list[str], overrides: dict | None = None):
-    """A ``ConfigParser`` of ``config_files`` (relative to ``configs/``, stacked) with ``overrides`` applied."""
-    from monai.bundle import ConfigParser
+def parse_bundle_config(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+    """A ``ConfigParser`` of ``config_files`` (relative to ``configs/``, stacked, with the metadata) with ``overrides``."""
+    from monai.bundle import ConfigParser  # imported here: the other helpers do not need MONAI
 
     parser = ConfigParser()
+    parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
     parser.read_config([str(bundle_dir / "configs" / name) for name in config_files])
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
 
 
-def run_in_process(bundle_dir: Path, config_files: list[str], overrides: dict | None = None):
+def run_in_process(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None) -> ConfigParser:
     """
-    Run ``initialize``, ``run`` and ``finalize`` of the stacked configs in this process, as ``monai.bundle run``
-    does (the bundle's ``scripts`` imported for the duration); returns the parser for further inspection.
+    Run ``config_files`` (relative to ``configs/``) with ``overrides`` in this process, as ``python -m monai.bundle run``
+    runs them: ``initialize``, ``run``, then ``finalize``, with the bundle's ``scripts`` importable.
+
+    For tests in which the command line proves nothing extra; each path keeps one ``run_bundle`` (subprocess or
+    ``torchrun``) test for the command line itself. Returns the parser, so that the objects the run built (networks,
+    trainer) can be inspected.
     """
     with bundle_scripts(bundle_dir):
         parser = parse_bundle_config(bundle_dir, config_files, overrides)
         for section in ("initialize", "run", "finalize"):
             parser.get_parsed_content(section)
-        return parser
+    return parser

@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
 from demo.synthetic import make_brats_like_dataset
 
 BUNDLE = BUNDLES_DIR / "brats_ldm2d"
@@ -194,9 +194,14 @@ class TestDatasetChecks:
 
 
 def _failure(config, overrides, tmp_path):
-    result = run_bundle(BUNDLE, [config], {"bundle_root": str(tmp_path), **overrides}, check=False)
-    assert result.returncode != 0
-    return result.stdout
+    """The messages of the error that stops ``config`` (run in-process; the command line is tested below)."""
+    with pytest.raises(Exception) as raised:
+        run_in_process(BUNDLE, [config], {"bundle_root": str(tmp_path), **overrides})
+    messages, error = [], raised.value
+    while error is not None:  # the config parser wraps the errors of expressions
+        messages.append(str(error))
+        error = error.__cause__
+    return "\n".join(messages)
 
 
 @pytest.mark.parametrize(
@@ -225,6 +230,7 @@ def test_training_rejects_missing_dataset(tmp_path):
 
 
 def test_diffusion_training_requires_autoencoder_weights(tmp_path):
+    """On the command line: the run exits with an error that says how to get the weights."""
     make_brats_like_dataset(tmp_path, num_volumes=1, shape=(8, 8, 4))
     result = run_bundle(
         BUNDLE,

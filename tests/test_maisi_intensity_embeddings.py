@@ -169,3 +169,20 @@ def test_load_latentd_builds_training_sample(embeddings, tmp_path):
 def test_latent_path_for_strips_image_extension(embeddings, tmp_path):
     assert embeddings.latent_path_for("/data/case_001.nii.gz", tmp_path) == tmp_path / "case_001_emb.nii.gz"
     assert embeddings.latent_path_for("case.nii", tmp_path).name == "case_emb.nii.gz"
+
+
+def test_two_images_with_one_latent_name_are_refused(embeddings, tmp_path):
+    items = [{"image": "/data/a/case_1.nii.gz"}, {"image": "/data/b/case_2.nii.gz"}]
+    embeddings.check_latent_names(items, tmp_path)
+    with pytest.raises(ValueError, match=r"'/data/a/case_1.nii.gz' and '/data/b/case_1.nii' would both be encoded to .*case_1_emb.nii.gz'"):
+        embeddings.check_latent_names([*items, {"image": "/data/b/case_1.nii"}], tmp_path)
+
+
+def test_shard_items_deals_every_item_to_one_rank(embeddings):
+    items = [{"image": str(i)} for i in range(5)]
+    shares = [embeddings.shard_items(items, rank, 2) for rank in (0, 1)]
+    assert [[item["image"] for item in share] for share in shares] == [["0", "2", "4"], ["1", "3"]]
+    assert embeddings.shard_items(items, 0, 1) == items
+    for rank, world_size in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="rank=|world_size="):
+            embeddings.shard_items(items, rank, world_size)

@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_in_process
 from test_maisi_mr_generative import TINY
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
@@ -26,6 +26,8 @@ SPACING = [2.0, 2.0, 2.0]
 MRI_FLAIR = 11
 BRAIN = 22
 MAPPED_CORE = 129  # 401 (necrotic core) in the ControlNet range: the label the published MR recipe weights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parser(config_files, overrides):
@@ -127,8 +129,8 @@ def test_mr_controlnet_learns_on_labels_above_255(workspace, tmp_path):
 
 def test_trained_mr_controlnet_generates_from_a_brats_mask(workspace, tmp_path):
     root, weights = workspace
-    # on the command line, None must be an expression ("$None"): a plain None override is dropped by the CLI
-    run_bundle(BUNDLE, CONFIGS, _overrides(root, weights, tmp_path / "train", max_epochs=1, progress=False, controlnet_init_path="$None"))
+    # in-process, as on the command line (where None must be the expression "$None": the CLI drops a plain None)
+    run_in_process(BUNDLE, CONFIGS, _overrides(root, weights, tmp_path / "train", max_epochs=1, progress=False, controlnet_init_path="$None"))
     exported = tmp_path / "train" / "controlnet.pt"
     assert set(torch.load(exported, weights_only=True)) == {"controlnet_state_dict"}
 
@@ -146,7 +148,7 @@ def test_trained_mr_controlnet_generates_from_a_brats_mask(workspace, tmp_path):
         **TINY,
         **weights,
     }
-    run_bundle(BUNDLE, ["inference.json"], overrides)
+    run_in_process(BUNDLE, ["inference.json"], overrides)
     report = json.loads((tmp_path / "generated/generation_report.json").read_text())
     sample = report["samples"][0]
     assert report["settings"]["files"]["trained_controlnet_path"] == str(exported) and sample["mask_source"] == f"user:{mask_path}"

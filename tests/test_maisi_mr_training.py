@@ -1,15 +1,13 @@
 """
 The seed-000 flow for MR through maisi_mr_generative's own configs, on the CPU with tiny networks: simulated MR
 volumes -> datalist -> percentile normalisation -> latent embeddings (+ sidecars) -> rectified-flow training with
-modality dropout -> generation with the trained UNet (one id changed). The multi-GPU overlay and ControlNet
-training on the embedded masks are in test_maisi_mr_training_multi.py.
+modality dropout -> generation with the trained UNet (one id changed), run in-process. The multi-GPU overlay and
+ControlNet training on the embedded masks are in test_maisi_mr_training_multi.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_in_process
 from demo.maisi_presets import MAISI_TINY, MAISI_TINY_DIFFUSION_TRAINING, MAISI_TINY_DIVISIBLE_K, read_scalars, write_initial_weights
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
@@ -28,6 +26,8 @@ NUM_IMAGES = 4
 MRI_T1 = 9
 BRAIN = 22
 BRATS_IDS = (401, 402, 403)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def simulate_mr_dataset(folder: Path, num_images: int = NUM_IMAGES, shape=SHAPE, spacing=SPACING, seed: int = 0) -> list[Path]:
@@ -67,15 +67,21 @@ def _parser(config_files, overrides):
 
 
 def prepare_mr_embeddings(root: Path) -> dict[str, str]:
-    """Simulated MR data -> datalist (mri_t1) -> embeddings with a tiny autoencoder; returns the initial weights."""
+    """
+    Simulated MR data -> datalist (mri_t1) -> embeddings with a tiny autoencoder; returns the initial weights.
+
+    In-process: the data_prep command line is tested in test_maisi_data_prep.py, the embedding config's under
+    torchrun in test_maisi_create_embeddings_multi_gpu.py.
+    """
     simulate_mr_dataset(root / "data")
-    command = [sys.executable, "-m", "scripts.data_prep", "datalist", str(root / "data/images"), str(root / "data/datalist.json")]
-    command += ["--label_dir", str(root / "data/labels"), "--num_folds", "2", "--modality", "mri_t1"]
-    subprocess.run(command, cwd=BUNDLE, check=True, capture_output=True, text=True)
+    with bundle_scripts(BUNDLE):
+        from scripts.data_prep import datalist
+
+        datalist(str(root / "data/images"), str(root / "data/datalist.json"), label_dir=str(root / "data/labels"), num_folds=2, modality="mri_t1")
     weights = write_initial_weights(
         BUNDLE, ["inference.json"], MAISI_TINY, root / "models", {"autoencoder_def": None, "diffusion_unet_def": "unet_state_dict"}
     )
-    run_bundle(
+    run_in_process(
         BUNDLE,
         ["inference.json", "create_embeddings.json"],
         {
@@ -143,7 +149,7 @@ def test_mr_embeddings_use_percentile_normalisation(workspace):
 def test_rflow_mr_training_with_modality_dropout_then_generation(workspace, tmp_path):
     root, weights = workspace
     output = tmp_path / "train"
-    run_bundle(BUNDLE, ["inference.json", "train_diffusion.json"], _train_overrides(root, output, max_epochs=8))
+    run_in_process(BUNDLE, ["inference.json", "train_diffusion.json"], _train_overrides(root, output, max_epochs=8))
     losses = read_scalars(output / "tensorboard", "train_loss")
     assert len(losses) == 8 * NUM_IMAGES and all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])  # the tiny task is learned, not only run
@@ -177,7 +183,7 @@ def test_rflow_mr_training_with_modality_dropout_then_generation(workspace, tmp_
         "trained_diffusion_path": str(exported_path),
         **MAISI_TINY,
     }
-    run_bundle(BUNDLE, ["inference.json"], overrides)
+    run_in_process(BUNDLE, ["inference.json"], overrides)
     report = json.loads((tmp_path / "generated/generation_report.json").read_text())
     assert report["settings"]["files"]["trained_diffusion_path"] == str(exported_path)
     image = nib.load(report["samples"][0]["image"])

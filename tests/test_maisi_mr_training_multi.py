@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import run_bundle
+from bundle_helpers import run_bundle, run_in_process
 from demo.maisi_presets import MAISI_TINY, read_scalars
 from test_maisi_mr_training import BUNDLE, NUM_IMAGES, _parser, _train_overrides, prepare_mr_embeddings
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def test_controlnet_trains_on_the_embedded_mr_masks(workspace, tmp_path):
         "progress": False,
         **MAISI_TINY,
     }
-    run_bundle(BUNDLE, ["inference.json", "train_controlnet.json"], overrides)
+    run_in_process(BUNDLE, ["inference.json", "train_controlnet.json"], overrides)
     checkpoint = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == sum(item["fold"] != 0 for item in items)  # fold 0 held out
     losses = read_scalars(tmp_path / "tensorboard", "l1_loss")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
+from monai.engines import IterationEvents
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
@@ -133,12 +134,14 @@ def _overrides(root, weights, output_dir, **extra):
 
 
 def _train_in_process(config_files, overrides, bundle=BUNDLE):
+    """Run the training config in-process; the terms and the learning rate of every iteration are recorded."""
     with bundle_scripts(bundle) as scripts:
         parser = _parser(config_files, overrides, bundle)
         parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content("train#trainer")
         terms: list[dict[str, float]] = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(scripts.controlnet_training.loss_terms(e.state.output)))
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: terms.append({"lr": e.optimizer.param_groups[0]["lr"]}))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms[-1].update(scripts.controlnet_training.loss_terms(e.state.output)))
         trainer.run()
         return parser, trainer, terms
 
@@ -152,6 +155,7 @@ def test_loss_goes_down(workspace, tmp_path, version):
     losses = np.array([t["l1_loss"] for t in terms])
     assert np.isfinite(losses).all()
     assert losses[-8:].mean() < 0.8 * losses[:8].mean(), losses
+    assert {t["lr"] for t in terms} == {0.01}  # lr_schedule=false: a constant factor of 1
     unet_before = torch.load(weights[version]["trained_diffusion_path"], map_location="cpu", weights_only=True)["unet_state_dict"]
     for key, value in parser.get_parsed_content("diffusion_unet").state_dict().items():
         torch.testing.assert_close(value, unet_before[key])  # the diffusion UNet stays frozen
@@ -168,12 +172,47 @@ def test_controlnet_init_from_unet_and_weighted_loss(workspace, tmp_path):
         controlnet = parser.get_parsed_content("controlnet").state_dict()
         shared = [k for k in controlnet if k in unet and controlnet[k].shape == unet[k].shape]
         assert len(shared) > 20 and all(torch.equal(controlnet[k], unet[k]) for k in shared)
-        trainer = parser.get_parsed_content("train#trainer")
         labels = torch.zeros((1, 1, 8, 8, 8), dtype=torch.long)
         labels[..., :4, :, :] = NEW_LABEL
-        weights_map = trainer._voxel_weights(labels)
+        weights_map = parser.get_parsed_content("controlnet_loss").voxel_weights(labels)
         assert weights_map[..., :4, :, :].unique().tolist() == [10.0] and weights_map[..., 4:, :, :].unique().tolist() == [1.0]
         assert scripts.controlnet_training.polynomial_total_iters(3, 2) == 6
+
+
+def test_iteration_events_fire_for_handlers(workspace, tmp_path):
+    """ControlNet training runs SupervisedTrainer's own iteration: handlers keyed on MONAI's IterationEvents run."""
+    root, weights = workspace
+    overrides = _overrides(root, weights["rflow-ct"], tmp_path, max_epochs=1, controlnet_init_path=None)
+    with bundle_scripts(BUNDLE):
+        parser = _parser(CONFIGS, overrides)
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        controlnet, unet = parser.get_parsed_content("controlnet"), parser.get_parsed_content("diffusion_unet")
+        seen, clipped, snapshot = [], [], {}
+
+        def clip_gradients(engine):  # the typical BACKWARD_COMPLETED handler
+            clipped.append(float(torch.nn.utils.clip_grad_norm_(controlnet.parameters(), max_norm=1e-3)))
+            grads = [p.grad for p in controlnet.parameters() if p.grad is not None]
+            seen.append(("backward", bool(grads), all(p.grad is None for p in unet.parameters())))
+            clipped.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            snapshot.update({k: v.clone() for k, v in controlnet.state_dict().items()})
+
+        def model_completed(engine):
+            seen.append(("model", any(not torch.equal(v, snapshot[k]) for k, v in controlnet.state_dict().items())))
+
+        trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, lambda e: seen.append(("forward", tuple(e.state.output["pred"]["pred"].shape))))
+        trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, lambda e: seen.append(("loss", sorted(k for k in e.state.output if "loss" in k))))
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, clip_gradients)
+        trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, model_completed)
+        trainer.run()
+    per_iteration = [
+        ("forward", (2, 4, *LATENT_SHAPE)),
+        ("loss", ["l1_loss", "loss", "region_contrastive_loss"]),
+        ("backward", True, True),  # ControlNet gradients, none for the frozen UNet
+        ("model", True),  # the optimiser stepped after the BACKWARD_COMPLETED handler
+    ]
+    assert seen == per_iteration * 2
+    assert clipped[0] > 1e-3 and clipped[1] == pytest.approx(1e-3, rel=1e-3)  # the handler's clipping took effect
 
 
 def test_training_pair_transform(workspace, tmp_path):
@@ -224,8 +263,9 @@ def test_mr_bundle_trains_on_mr_label_ids(workspace, tmp_path):
     }
     parser, trainer, terms = _train_in_process(["inference.json", "train_controlnet.json"], overrides, mr_bundle)
     assert len(terms) == 2 and all(np.isfinite(t["loss"]) for t in terms)
-    assert set(torch.unique(trainer.state.output["label"]).tolist()) <= {0, 200, LUNG_TUMOR, LUNG_LOBE, NEW_LABEL}
-    assert NEW_LABEL in torch.unique(trainer.state.output["label"]).tolist()  # 401 arrived as 129
+    trained_labels = torch.unique(trainer.state.batch["label"]).tolist()  # the last training batch's masks
+    assert set(trained_labels) <= {0, 200, LUNG_TUMOR, LUNG_LOBE, NEW_LABEL}
+    assert NEW_LABEL in trained_labels  # 401 arrived as 129
     exported = torch.load(tmp_path / "run" / "controlnet.pt", map_location="cpu", weights_only=True)
     assert set(exported["controlnet_state_dict"]) == set(parser.get_parsed_content("controlnet").state_dict())
 
@@ -239,14 +279,31 @@ def test_region_contrastive_loss(workspace, tmp_path):
     assert all(t["loss"] == pytest.approx(t["l1_loss"] + t["region_contrastive_loss"], rel=1e-5) for t in terms)
 
 
+def test_region_contrastive_loss_needs_the_lesion_free_prediction():
+    with bundle_scripts(BUNDLE):
+        from scripts.controlnet_training import ControlNetLoss
+
+        loss = ControlNetLoss(torch.nn.L1Loss(reduction="none"), [NEW_LABEL], 10.0, use_region_contrastive_loss=True, region_contrastive_loss_weight=1.0)
+        prediction = {"pred": torch.zeros(1, 4, 2, 2, 2)}
+        targets = {"target": torch.ones(1, 4, 2, 2, 2), "label": torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)}
+        with pytest.raises(ValueError, match="lesion_free_condition"):
+            loss(prediction, targets)
+        loss.use_region_contrastive_loss = False
+        assert float(loss(prediction, targets)) == 1.0 and float(loss.terms["l1_loss"]) == 1.0
+
+
 def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
     root, weights = workspace
     overrides = _overrides(root, weights["rflow-ct"], tmp_path / "run", max_epochs=1)
-    _train_in_process(CONFIGS, overrides)  # the command line is exercised by test_torchrun_two_processes
+    _, _, first = _train_in_process(CONFIGS, overrides)  # the command line is exercised by test_torchrun_two_processes
+    assert [t["lr"] for t in first] == pytest.approx([0.001, 0.001 * (1 - 1 / 2) ** 2])  # polynomial decay over 2 iterations
     checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 2 and {"controlnet", "optimizer", "lr_scheduler"} <= set(checkpoint)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.0  # the first schedule ended
     _, trainer, terms = _train_in_process(CONFIGS, {**overrides, "max_epochs": 2})
     assert len(terms) == 2 and trainer.state.epoch == 2  # resumed after epoch 1: only the second epoch ran
+    # the decay continues over the new length (4 iterations), from the first resumed iteration on (PolynomialLR kept 0)
+    assert [t["lr"] for t in terms] == pytest.approx([0.001 * (1 - 2 / 4) ** 2, 0.001 * (1 - 3 / 4) ** 2])
     checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 4
     assert checkpoint["lr_scheduler"]["last_epoch"] == 4  # the polynomial schedule counts iterations
@@ -305,6 +362,7 @@ def test_train_resume_export_and_generate_with_user_mask(workspace, tmp_path):
         ({"weighted_loss": 0.5}, "weighted_loss=0.5"),
         ({"use_region_contrastive_loss": "yes"}, "use_region_contrastive_loss='yes'"),
         ({"lr": -1.0}, "lr=-1.0"),
+        ({"lr_schedule": "yes"}, "lr_schedule='yes'"),
         ({"validation_fold": 1, "datalist_file": "missing.json"}, "datalist_file=missing.json"),
         ({"controlnet_init_path": "missing_controlnet.pt"}, "controlnet_init_path=missing_controlnet.pt"),
         ({"trained_diffusion_path": "missing_unet.pt"}, "trained_diffusion_path=missing_unet.pt"),

@@ -1,8 +1,9 @@
 """
 MAISI diffusion training through the CT bundle's own configs, on the CPU with tiny networks: datalist ->
 embeddings (posterior means + sidecars) -> rflow-ct training that learns -> resume and fine-tune with the
-stored scale factor; bad training ids fail before training. ``test_maisi_training_diffusion_flow.py`` covers
-ddpm-ct, torchrun and generation with the trained UNet.
+stored scale factor; bad training ids fail before training. The runs are in-process (``monai.bundle``'s
+``initialize``/``run``/``finalize``); ``test_maisi_training_diffusion_flow.py`` covers ddpm-ct, the command line
+under torchrun and generation with the trained UNet.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_in_process
 from demo.maisi_presets import (
     MAISI_TINY,
     MAISI_TINY_DIFFUSION_TRAINING,
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("maisi_diffusion")
-    paths = simulated_embeddings(BUNDLE, root, NUM_IMAGES, SHAPE, SPACING)
+    paths = simulated_embeddings(BUNDLE, root, NUM_IMAGES, SHAPE, SPACING, run=run_in_process)
     return root, {"autoencoder_def": paths["trained_autoencoder_path"], "controlnet_def": paths["trained_controlnet_path"]}
 
 
@@ -96,7 +97,7 @@ def test_embeddings_are_posterior_means_with_sidecars(workspace):
 def test_rflow_training_learns_exports_and_resumes_with_stored_scale_factor(workspace, tmp_path):
     root, _ = workspace
     output = tmp_path / "train"
-    run_bundle(BUNDLE, ["inference.json", "train_diffusion.json"], _train_overrides(root, output, max_epochs=10, save_interval=5))
+    run_in_process(BUNDLE, ["inference.json", "train_diffusion.json"], _train_overrides(root, output, max_epochs=10, save_interval=5))
     losses = read_scalars(output / "tensorboard", "train_loss")
     assert len(losses) == 10 * NUM_IMAGES and all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])  # the tiny task is learned, not only run
@@ -119,7 +120,7 @@ def test_rflow_training_learns_exports_and_resumes_with_stored_scale_factor(work
     # resume: continues at epoch 11 with the scale factor of the checkpoint (a sentinel proves it is not recomputed)
     checkpoint["scale_factor"] = 0.5
     torch.save(checkpoint, output / "checkpoint_last.pt")
-    run_bundle(BUNDLE, ["inference.json", "train_diffusion.json"], _train_overrides(root, output, max_epochs=11))
+    run_in_process(BUNDLE, ["inference.json", "train_diffusion.json"], _train_overrides(root, output, max_epochs=11))
     resumed = torch.load(output / "checkpoint_last.pt", weights_only=True)
     assert resumed["epoch"] == 11 and resumed["iteration"] == 11 * NUM_IMAGES
     assert resumed["scale_factor"] == 0.5

@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, run_bundle
+from bundle_helpers import BUNDLES_DIR, run_bundle, run_in_process
 from demo.maisi_presets import MAISI_TINY, MAISI_TINY_DIFFUSION_TRAINING, read_scalars, simulated_embeddings
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("maisi_diffusion_flow")
-    return root, simulated_embeddings(BUNDLE, root, NUM_IMAGES)
+    return root, simulated_embeddings(BUNDLE, root, NUM_IMAGES, run=run_in_process)
 
 
 def _train_overrides(paths, output_dir, **extra):
@@ -96,7 +96,7 @@ def test_generation_with_the_trained_unet_by_one_id(workspace, ddp_trained, tmp_
         "trained_diffusion_path": str(ddp_trained / "diff_unet_3d_rflow-ct.pt"),
         **MAISI_TINY,
     }
-    run_bundle(BUNDLE, ["inference.json"], overrides)
+    run_in_process(BUNDLE, ["inference.json"], overrides)  # the generation command line is tested with the generation tests
     images = sorted((tmp_path / "generated").rglob("*image*.nii.gz"))
     assert len(images) == 1, sorted(p.name for p in (tmp_path / "generated").rglob("*"))
     image = nib.load(str(images[0]))
@@ -110,7 +110,7 @@ def test_generation_with_the_trained_unet_by_one_id(workspace, ddp_trained, tmp_
 def test_ddpm_training_uses_body_regions_and_loads_into_ddpm_unet(workspace, tmp_path):
     _, paths = workspace
     configs = ["inference.json", "inference_ddpm_ct.json", "train_diffusion.json"]
-    run_bundle(BUNDLE, configs, _train_overrides(paths, tmp_path, max_epochs=1, validation_fold=0))
+    run_in_process(BUNDLE, configs, _train_overrides(paths, tmp_path, max_epochs=1, validation_fold=0))
     exported = torch.load(tmp_path / "diff_unet_3d_ddpm-ct.pt", weights_only=True)
     _unet(["inference.json", "inference_ddpm_ct.json"]).load_state_dict(exported["unet_state_dict"], strict=True)
     assert any("top_region" in key for key in exported["unet_state_dict"])

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.networks.utils import get_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ def is_main_process() -> bool:
 
 
 def unwrap_module(network: torch.nn.Module) -> torch.nn.Module:
-    """Return the plain module inside a ``DistributedDataParallel``/``DataParallel`` wrapper."""
+    """
+    Return the plain module inside a ``DistributedDataParallel``/``DataParallel`` wrapper.
+
+    For state dicts use ``monai.networks.utils.get_state_dict``, which unwraps the same way; this function is
+    for what needs the module itself (``load_state_dict``, reading a network's input flags).
+    """
     return network.module if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else network
 
 
@@ -132,6 +138,18 @@ class ResumableCheckpoint:
     at the end of training, rank 0 writes the checkpoint atomically. Only state dicts and integers are
     stored, so the file loads with ``weights_only=True``.
 
+    A ``LambdaLR`` in ``save_dict`` takes its factor from the current config (e.g. a polynomial decay over
+    the new ``max_epochs``), so after loading, the optimiser's learning rates are recomputed from it: the
+    first resumed iteration already runs at the new schedule's rate, not at the rate the old schedule
+    stored in the optimiser state (0 at the end of a finished run).
+
+    Why not MONAI's ``CheckpointSaver``/``CheckpointLoader`` or ignite's ``Checkpoint``: ``CheckpointSaver``
+    writes with ``DiskSaver(atomic=False)``, so a run killed while saving leaves a truncated file, and it
+    names interval checkpoints by epoch, so a resume must first find the newest one; ``CheckpointLoader``
+    has no "load it if it exists"; ignite's ``Checkpoint`` with a fixed file name removes the previous file
+    before it writes the new one, so a crash in between leaves no checkpoint at all. Here the one file is
+    always either the previous checkpoint or the complete new one (:func:`atomic_torch_save`).
+
     Parameters
     ----------
     ckpt_dir
@@ -176,7 +194,7 @@ class ResumableCheckpoint:
 
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         """Collect the state of every object plus the engine's epoch and iteration."""
-        state: dict[str, Any] = {name: unwrap_module(obj).state_dict() for name, obj in self.save_dict.items()}
+        state: dict[str, Any] = {name: get_state_dict(obj) for name, obj in self.save_dict.items()}
         state.update(self.extra)
         state["epoch"] = int(engine.state.epoch)
         state["iteration"] = int(engine.state.iteration)
@@ -199,14 +217,30 @@ class ResumableCheckpoint:
             raise KeyError(f"checkpoint {self.path} has no entries for {missing}; delete it to start afresh.")
         for name, obj in self.save_dict.items():
             unwrap_module(obj).load_state_dict(checkpoint[name])
+        for obj in self.save_dict.values():
+            if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
+                _apply_lambda_lr(obj)
         engine.state.epoch = checkpoint["epoch"]
         engine.state.iteration = checkpoint["iteration"]
         logger.info("resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration)
 
 
+def _apply_lambda_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimiser's learning rates to ``base_lr * factor(last_epoch)`` of the (restored) ``scheduler``."""
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reports
+
+
 class ModelExporter:
     """
     Ignite handler that writes a network's final weights atomically when training completes (rank 0 only).
+
+    Why not ``monai.handlers.CheckpointSaver(save_final=True, final_filename=...)``: ignite's ``Checkpoint``
+    under it stores a one-entry ``save_dict`` as the bare state dict, so it cannot write the
+    ``{state_dict_key: weights, **extra}`` files that generation reads (e.g. ``{"unet_state_dict": ...,
+    "scale_factor": ...}``; extras are plain values, not objects with ``state_dict``), and it writes with
+    ``atomic=False``, so a crash while exporting truncates the earlier export of the same name.
 
     Parameters
     ----------
@@ -244,7 +278,7 @@ class ModelExporter:
         """Write the weights (rank 0 only)."""
         if not is_main_process():
             return
-        weights = unwrap_module(self.network).state_dict()
+        weights = get_state_dict(self.network)
         if self.state_dict_key is None:
             payload: Any = weights
         else:
@@ -267,6 +301,14 @@ def convert_generative_state_dict(state_dict: Mapping[str, torch.Tensor], expect
     ``<block>.attn.out_proj``, cross-attention ``<block>.to_out.0`` to ``<block>.out_proj`` and the
     upsampling ``conv`` to ``postconv`` wherever the core layout expects it. Keys that already match
     are kept.
+
+    Why not MONAI's ``AutoencoderKL/DiffusionModelUNet/ControlNet.load_old_state_dict``, which rename the
+    same keys: they are not strict. They fill a copy of the network's own state dict, so a file key that maps
+    to nothing is dropped silently and a network key missing from the file keeps its current (random)
+    value; ``AutoencoderKL``'s even substitutes an identity ``out_proj`` when ``proj_attn`` is absent. A
+    truncated or wrong checkpoint would then load without an error (checked with MONAI 1.6.1), whereas this
+    mapping only renames, and the strict ``load_state_dict`` after it names every key that does not fit.
+    They also exist only for those three classes (not ``DiffusionModelUNetMaisi``) and ``print`` to stdout.
 
     Parameters
     ----------

@@ -17,6 +17,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checks import check_amp, check_files_exist, check_positive_int
+
+__all__ = [
+    "check_amp",
+    "check_choice",
+    "check_msd_dataset",
+    "check_positive_int",
+    "check_training_settings",
+    "check_weights_file",
+]
+
 MSD_TASK = "Task01_BrainTumour"
 MSD_PROPERTY_KEYS = (
     "name",
@@ -97,38 +108,17 @@ def check_choice(name: str, value: object, allowed: Sequence[object]) -> object:
     return value
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an integer >= 1, else raise a ``ValueError`` naming the id ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1.")
-    return value
-
-
 def check_weights_file(name: str, path: str | os.PathLike, bundle_root: str | os.PathLike) -> Path:
     """
-    Check that the weights file given by the config id ``name`` exists, and say how to get it otherwise.
+    Check that the weights file given by the config id ``name`` exists (``checks.check_files_exist`` for one id).
 
     Raises
     ------
     FileNotFoundError
         with the download command for the published weights.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{name}={path} does not exist. Download the published weights with "
-            f"`python -m monai.bundle download_large_files --bundle_path {bundle_root}` "
-            f"(URLs and md5 sums are in {Path(bundle_root) / 'large_files.yml'}), "
-            f"or set --{name} to a checkpoint written by this bundle's training configs."
-        )
-    return path
-
-
-def check_amp(amp: bool, device: object) -> bool:
-    """Return ``amp`` if mixed precision can run on ``device`` (CUDA only), else raise a ``ValueError`` naming ``amp``."""
-    if amp and str(device).split(":")[0] != "cuda":
-        raise ValueError(f"amp={amp} is not allowed on device={device}; mixed precision needs a CUDA device (set --amp false).")
-    return bool(amp)
+    check_files_exist({name: path}, bundle_root)
+    return Path(path)
 
 
 def check_training_settings(

@@ -39,10 +39,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, is_main_process, unwrap_module
 from .training_data import load_datalist, select_folds  # the one datalist reader, re-exported for the configs
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ __all__ = [
     "LoadLatentd",
     "PosteriorMean",
     "check_divisible_k",
+    "check_latent_names",
     "check_latent_shapes",
     "create_embeddings",
+    "encode_items",
     "encode_posterior_mean",
     "latent_path_for",
     "load_datalist",
@@ -66,8 +69,10 @@ __all__ = [
     "read_sidecar",
     "require_file",
     "select_folds",
+    "shard_items",
     "sidecar_path",
     "write_latent",
+    "write_latent_datalist",
 ]
 
 LATENT_CHANNELS = 4
@@ -170,6 +175,16 @@ def make_sidecar(
     }
 
 
+def _write_json(path: Path, content: Any) -> Path:
+    """Write ``content`` as indented JSON, atomically."""
+
+    def write(tmp_name: str) -> None:
+        with open(tmp_name, "w") as handle:
+            json.dump(content, handle, indent=4)
+
+    return atomic_write(path, write, suffix=".json")
+
+
 def write_latent(
     path: str | os.PathLike, latent: torch.Tensor | np.ndarray, spacing: Sequence[float], sidecar: Mapping[str, Any]
 ) -> Path:
@@ -216,12 +231,8 @@ def write_latent(
         image.header.set_xyzt_units("mm")
         nib.save(image, tmp_name)
 
-    def write_json(tmp_name: str) -> None:
-        with open(tmp_name, "w") as handle:
-            json.dump(checked, handle, indent=4)
-
     atomic_write(path, write_nifti, suffix=".nii.gz")
-    atomic_write(sidecar_path(path), write_json, suffix=SIDECAR_SUFFIX)
+    _write_json(sidecar_path(path), checked)
     return path
 
 
@@ -452,21 +463,53 @@ def _image_spacing(image: Any) -> list[float]:
     return [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
 
 
-def create_embeddings(
+def shard_items(items: Sequence[Mapping[str, Any]], rank: int, world_size: int) -> list[Mapping[str, Any]]:
+    """
+    The items process ``rank`` of ``world_size`` encodes: ``items[rank::world_size]`` (every item exactly once over the ranks).
+
+    Raises
+    ------
+    ValueError
+        ``world_size`` < 1 or ``rank`` outside ``[0, world_size)``.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, Integral) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be an integer >= 1.")
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r} must be an integer in [0, {world_size}).")
+    return list(items)[rank::world_size]
+
+
+def check_latent_names(items: Sequence[Mapping[str, Any]], embedding_dir: str | os.PathLike) -> None:
+    """
+    Refuse two images that would be encoded to the same ``<case>_emb.nii.gz`` (same file name in different folders).
+
+    Run on all items before any rank encodes, so that no process overwrites another's latent.
+    """
+    names: dict[Path, str] = {}
+    for item in items:
+        source, target = str(item["image"]), latent_path_for(item["image"], embedding_dir)
+        if target in names:
+            raise ValueError(f"images '{names[target]}' and '{source}' would both be encoded to '{target}'; rename one.")
+        names[target] = source
+
+
+def encode_items(
     autoencoder: torch.nn.Module,
     items: Sequence[Mapping[str, Any]],
     transform: Any,
     embedding_dir: str | os.PathLike,
-    latent_datalist_path: str | os.PathLike,
     modality: int,
     device: torch.device | str,
     sliding_window_size: Sequence[int] | None = None,
     overlap: float = 0.4,
     overwrite: bool = False,
     progress: bool = True,
-) -> Path:
+) -> list[Path]:
     """
-    Encode every image of ``items`` and write latents, sidecars and the latent datalist.
+    Encode every image of ``items`` and write its latent and sidecar (:func:`write_latent`) into ``embedding_dir``.
+
+    Each latent depends on its own image only, so a process encoding a share of the items
+    (:func:`shard_items`) writes the same files as one process encoding them all.
 
     Parameters
     ----------
@@ -474,15 +517,12 @@ def create_embeddings(
         the trained ``AutoencoderKlMaisi`` (DDP wrappers are unwrapped); put in eval mode here.
     items
         datalist items with absolute ``image`` paths (:func:`load_datalist`); optional per-item
-        ``modality`` (code), ``top_region_index``/``bottom_region_index`` (one-hots) override the defaults;
-        ``fold`` and ``label`` are carried into the latent datalist.
+        ``modality`` (code), ``top_region_index``/``bottom_region_index`` (one-hots) override the defaults.
     transform
         loads one item and returns ``image`` as a channel-first ``(1, X, Y, Z)`` MetaTensor in [0, 1]
         (intensity mapping done), with its affine; spatial sizes divisible by 4.
     embedding_dir
         folder of the ``<case>_emb.nii.gz`` files and their sidecars.
-    latent_datalist_path
-        the datalist written for diffusion/ControlNet training (latent paths relative to its folder).
     modality
         modality code written to sidecars of items without their own ``modality``.
     device
@@ -497,58 +537,105 @@ def create_embeddings(
 
     Returns
     -------
-    Path
-        ``latent_datalist_path``.
+    list[Path]
+        the latent files of ``items``, in order.
     """
     from tqdm import tqdm
 
-    from .checkpoint import unwrap_module
-
     encoder = unwrap_module(autoencoder).to(device).eval()
-    embedding_dir = Path(embedding_dir)
-    datalist_path = Path(latent_datalist_path)
-    names: dict[Path, str] = {}
-    entries = []
+    check_latent_names(items, embedding_dir)
+    targets = []
     for item in tqdm(items, desc="encoding images", unit="image", disable=not progress):
         source = str(item["image"])
         target = latent_path_for(source, embedding_dir)
-        if target in names:
-            raise ValueError(f"images '{names[target]}' and '{source}' would both be encoded to '{target}'; rename one.")
-        names[target] = source
-        if overwrite or not (target.is_file() and sidecar_path(target).is_file()):
-            try:
-                image = transform(dict(item))["image"]
-            except Exception as error:
-                raise ValueError(f"image '{source}' cannot be loaded: {error}") from error
-            if image.ndim != 4 or image.shape[0] != 1:
-                raise ValueError(
-                    f"image '{source}' has shape {tuple(image.shape)} after loading; the autoencoder needs one channel "
-                    "(split multi-channel images into one file per channel)."
-                )
-            item_modality = item.get("modality", modality)
-            if isinstance(item_modality, str):
-                raise ValueError(
-                    f"the datalist entry of '{source}' has modality={item_modality!r}; it must be an integer code of "
-                    "modality_mapping.json (e.g. 1 = ct, 9 = mri_t1), as `scripts.data_prep datalist` writes it."
-                )
-            spacing = _image_spacing(image)
-            tensor = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
-            latent = encode_posterior_mean(encoder, tensor, sliding_window_size, overlap)
-            sidecar = make_sidecar(
-                dim=list(image.shape[1:]),
-                spacing=spacing,
-                modality=item_modality,
-                top_region_index=item.get("top_region_index"),
-                bottom_region_index=item.get("bottom_region_index"),
+        targets.append(target)
+        if not overwrite and target.is_file() and sidecar_path(target).is_file():
+            continue
+        try:
+            image = transform(dict(item))["image"]
+        except Exception as error:
+            raise ValueError(f"image '{source}' cannot be loaded: {error}") from error
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(
+                f"image '{source}' has shape {tuple(image.shape)} after loading; the autoencoder needs one channel "
+                "(split multi-channel images into one file per channel)."
             )
-            write_latent(target, latent[0], spacing, sidecar)
-        entry = {"image": os.path.relpath(target, datalist_path.parent), "fold": int(item.get("fold", 0))}
+        item_modality = item.get("modality", modality)
+        if isinstance(item_modality, str):
+            raise ValueError(
+                f"the datalist entry of '{source}' has modality={item_modality!r}; it must be an integer code of "
+                "modality_mapping.json (e.g. 1 = ct, 9 = mri_t1), as `scripts.data_prep datalist` writes it."
+            )
+        spacing = _image_spacing(image)
+        tensor = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+        latent = encode_posterior_mean(encoder, tensor, sliding_window_size, overlap)
+        sidecar = make_sidecar(
+            dim=list(image.shape[1:]),
+            spacing=spacing,
+            modality=item_modality,
+            top_region_index=item.get("top_region_index"),
+            bottom_region_index=item.get("bottom_region_index"),
+        )
+        write_latent(target, latent[0], spacing, sidecar)
+    return targets
+
+
+def write_latent_datalist(
+    items: Sequence[Mapping[str, Any]], embedding_dir: str | os.PathLike, latent_datalist_path: str | os.PathLike
+) -> Path:
+    """
+    Write the datalist of the latents of ``items`` for diffusion and ControlNet training, once.
+
+    Entries keep each item's order, ``fold`` and ``label`` (absolute path); latent paths are relative to the
+    datalist's folder. Under ``torch.distributed`` (``multi_gpu_create_embeddings.json``) every rank waits
+    here until all ranks have encoded their share (a barrier), then rank 0 alone writes the file, atomically.
+
+    Parameters
+    ----------
+    items
+        ALL datalist items (not one rank's share).
+    embedding_dir
+        the folder the latents were written to.
+    latent_datalist_path
+        the datalist file.
+
+    Returns
+    -------
+    Path
+        ``latent_datalist_path``.
+    """
+    datalist_path = Path(latent_datalist_path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if not is_main_process():
+        return datalist_path
+    entries = []
+    for item in items:
+        latent = latent_path_for(item["image"], embedding_dir)
+        entry = {"image": os.path.relpath(latent, datalist_path.parent), "fold": int(item.get("fold", 0))}
         if item.get("label") is not None:
             entry["label"] = str(Path(item["label"]).resolve())
         entries.append(entry)
+    return _write_json(datalist_path, {"training": entries})
 
-    def write_json(tmp_name: str) -> None:
-        with open(tmp_name, "w") as handle:
-            json.dump({"training": entries}, handle, indent=4)
 
-    return atomic_write(datalist_path, write_json, suffix=".json")
+def create_embeddings(
+    autoencoder: torch.nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    transform: Any,
+    embedding_dir: str | os.PathLike,
+    latent_datalist_path: str | os.PathLike,
+    modality: int,
+    device: torch.device | str,
+    sliding_window_size: Sequence[int] | None = None,
+    overlap: float = 0.4,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """
+    Encode every image of ``items`` (:func:`encode_items`) and write the latent datalist (:func:`write_latent_datalist`).
+
+    The parameters are those of the two functions; returns ``latent_datalist_path``.
+    """
+    encode_items(autoencoder, items, transform, embedding_dir, modality, device, sliding_window_size, overlap, overwrite, progress)
+    return write_latent_datalist(items, embedding_dir, latent_datalist_path)

@@ -51,6 +51,7 @@ from .mask_checks import MaskFinding, MaskRequest, check_user_mask, load_organ_v
 from .mask_generation import check_controllable_anatomy_size
 from .modality import load_modality_mapping, resolve_modality
 from .sample_store import SampleStore
+from .checks import check_int_at_least
 from .settings import (
     GenerationSettings,
     RequestBase,
@@ -68,7 +69,6 @@ from .settings import (
 from .value_checks import (
     as_list,
     check_cfg_guidance_scale,
-    check_int_at_least,
     check_num_steps,
     check_version,
     did_you_mean,

@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-The MAISI facts every module shares: label ids, body regions, conditioning scales, intensity ranges.
+The MAISI facts every module shares: label ids, body regions, conditioning scales, modality codes, intensity ranges.
 
 Label ids are the raw MAISI ids of ``label_dict.json`` (a test checks every id here against that file).
 """
@@ -21,6 +21,15 @@ from types import MappingProxyType
 # Conditioning scales: the UNet sees spacing in mm x 100 and body-region one-hots x 100.
 SPACING_SCALE = 100.0
 REGION_INDEX_SCALE = 100.0
+
+# Modality codes of modality_mapping.json: 0 is "unknown", the class that classifier-free guidance contrasts
+# with (training drops labels to it, sampling uses it for the unconditional branch); 1..7 are CT ("ct" = 1 is
+# the generic CT code); 8 and above are MR ("mri" = 8 is the generic MR code).
+UNCONDITIONAL_CLASS_LABEL = 0
+CT_MODALITY_CODES = range(1, 8)
+MR_MIN_MODALITY_CODE = 8
+GENERIC_CT_CODE = 1
+GENERIC_MR_CODE = MR_MIN_MODALITY_CODE
 
 # Body regions, in the order of the 4-slot one-hot region indices (ddpm-ct).
 BODY_REGIONS = ("head", "chest", "abdomen", "pelvis")
@@ -94,12 +103,6 @@ QC_LABEL_GROUPS = MappingProxyType(
         "bone": tuple(range(33, 57)) + tuple(range(63, 98)) + (120, 122, 127),
     }
 )
-
-# Modality codes of modality_mapping.json: 0 is "unknown" (the classifier-free-guidance null class), 1..7 are CT,
-# 8 and above are MR.
-UNCONDITIONAL_CLASS_LABEL = 0
-CT_MODALITY_CODES = range(1, 8)
-MR_MIN_MODALITY_CODE = 8
 
 # Intensity conventions of the decoded image (autoencoder output in [0, 1]).
 CT_HU_MIN, CT_HU_MAX = -1000.0, 1000.0

@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Datalists of the MAISI training configs and the checks every training config runs before building anything.
+Datalists of the MAISI training configs (the id checks they run first are in ``scripts/checks.py``).
 
 A datalist is ``{"training": [{"image": ..., "label": ..., "fold": k}, ...]}``; paths are absolute or
 relative to the datalist's folder. Entries whose ``fold`` equals ``validation_fold`` form the
@@ -21,75 +21,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "SECTIONS",
-    "check_amp",
-    "check_export_path",
-    "check_non_negative",
-    "check_positive_int",
-    "check_positive_number",
     "load_datalist",
     "read_datalist",
     "select_folds",
 ]
 
 SECTIONS = ("training", "validation")
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1.")
-
-
-def check_positive_number(name: str, value: Any) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < float(value) < float("inf"):
-        raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number > 0.")
-
-
-def check_non_negative(weights: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the first loss weight that is not a finite number >= 0."""
-    for name, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= float(value) < float("inf"):
-            raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number >= 0.")
-
-
-def check_amp(amp: Any, device: torch.device | str) -> None:
-    """Mixed precision (``amp``) is a CUDA feature here: refuse it on other devices."""
-    if not isinstance(amp, bool):
-        raise ValueError(f"amp={amp!r} is not allowed; it must be true or false.")
-    if amp and torch.device(device).type != "cuda":
-        raise ValueError(f"amp=True is not allowed on device {device}; mixed precision needs CUDA (set --amp False).")
-
-
-def check_export_path(name: str, path: Any, protected: Mapping[str, Any]) -> None:
-    """
-    Refuse an export path that would overwrite a weight file the run reads (e.g. the downloaded weights).
-
-    Parameters
-    ----------
-    name
-        the export id, e.g. ``exported_autoencoder_path``.
-    path
-        its value.
-    protected
-        ``{id: path}`` of the files that must not be overwritten (``None`` entries are skipped).
-    """
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ValueError(f"{name}={path!r} is not allowed; it must be a file path.")
-    for other, other_path in protected.items():
-        if other_path is not None and Path(path).resolve() == Path(other_path).resolve():
-            raise ValueError(
-                f"{name}={path} is not allowed: it is {other}, which training reads. Export to a new file "
-                "(the default is under runs/) and point generation at it."
-            )
 
 
 def _resolve(path: Any, base: Path, key: str, index: int, datalist_file: Path) -> str:

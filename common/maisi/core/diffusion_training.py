@@ -12,8 +12,10 @@
 What MONAI's ``SupervisedTrainer`` needs to train the MAISI diffusion UNet on latent embeddings.
 
 - :class:`LatentDiffusionPrepareBatch` turns a batch of latents + sidecar conditions into the noisy input,
-  the regression target and the UNet's keyword inputs, for rectified flow (velocity ``x0 - noise``) and
-  DDPM (``epsilon``/``v_prediction``/``sample``), with modality label dropout for classifier-free guidance.
+  the regression target and the UNet's keyword inputs, with modality label dropout for classifier-free guidance.
+- :func:`noisy_latents_and_target` (rectified flow: velocity ``x0 - noise``; DDPM: ``epsilon``/``v_prediction``/
+  ``sample``) and :func:`unet_condition_inputs` are the two steps it shares with ControlNet training
+  (``controlnet_training.ControlNetPrepareBatch``).
 - :func:`resolve_scale_factor`: the latent scale factor, computed once (``1 / std`` of the first batch)
   and afterwards always read back (resume, fine-tuning).
 """
@@ -33,29 +35,31 @@ from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 
 from .checkpoint import LAST_CHECKPOINT_NAME, load_network_weights, unwrap_module
-from .constants import REGION_INDEX_SCALE, SPACING_SCALE
+from .checks import check_bool, check_positive_int, check_positive_number
+from .constants import (
+    CT_MODALITY_CODES,
+    GENERIC_CT_CODE,
+    GENERIC_MR_CODE,
+    REGION_INDEX_SCALE,
+    SPACING_SCALE,
+    UNCONDITIONAL_CLASS_LABEL,
+)
 from .embeddings import read_latent
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GENERIC_CT_CODE",
-    "GENERIC_MR_CODE",
     "LatentDiffusionPrepareBatch",
     "augment_modality_labels",
     "check_diffusion_training_settings",
-    "check_export_path",
     "compute_scale_factor",
     "load_pretrained_unet",
+    "noisy_latents_and_target",
     "polynomial_decay",
-    "training_loss",
     "resolve_scale_factor",
+    "training_loss",
+    "unet_condition_inputs",
 ]
-
-NULL_CLASS_CODE = 0  # "unknown": the unconditional class of classifier-free guidance
-GENERIC_CT_CODE = 1  # "ct"
-GENERIC_MR_CODE = 8  # "mri"
-_CT_CODES = range(1, 8)
 
 
 def augment_modality_labels(
@@ -88,10 +92,97 @@ def augment_modality_labels(
     labels = labels.reshape(-1).long().clone()
     draw = torch.rand((2, labels.numel()), generator=generator, device=labels.device)
     generalize = draw[0] < generalize_prob
-    is_ct = (labels >= _CT_CODES.start) & (labels < _CT_CODES.stop)
+    is_ct = (labels >= CT_MODALITY_CODES.start) & (labels < CT_MODALITY_CODES.stop)
     labels = torch.where(generalize & is_ct, torch.full_like(labels, GENERIC_CT_CODE), labels)
     labels = torch.where(generalize & (labels > GENERIC_MR_CODE), torch.full_like(labels, GENERIC_MR_CODE), labels)
-    return torch.where(draw[1] < dropout_prob, torch.full_like(labels, NULL_CLASS_CODE), labels)
+    return torch.where(draw[1] < dropout_prob, torch.full_like(labels, UNCONDITIONAL_CLASS_LABEL), labels)
+
+
+def noisy_latents_and_target(
+    scheduler: Scheduler, latents: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Draw training timesteps and return ``(timesteps, noisy_latents, target)`` for one batch.
+
+    - Rectified flow (``RFlowScheduler``): ``t`` from the scheduler's ``sample_timesteps`` (with its
+      resolution-dependent shift), ``x_t = (1 - t/T) x0 + (t/T) noise``, target = velocity ``x0 - noise``.
+    - DDPM (any other MONAI scheduler): ``t ~ U{0..T-1}``, ``x_t = scheduler.add_noise``, target per
+      ``prediction_type``: ``noise`` (epsilon), ``get_velocity`` (v_prediction) or ``x0`` (sample).
+
+    Parameters
+    ----------
+    scheduler
+        the ``noise_scheduler`` of the generation config.
+    latents
+        ``(B, C, X, Y, Z)`` scaled latents ``x0``.
+    noise
+        Gaussian noise of the same shape.
+
+    Raises
+    ------
+    ValueError
+        the scheduler's ``prediction_type`` is none of the three above.
+    """
+    if isinstance(scheduler, RFlowScheduler):
+        timesteps = scheduler.sample_timesteps(latents)
+        return timesteps, scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps), latents - noise
+    prediction_type = getattr(scheduler, "prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(
+            f"noise_scheduler prediction_type={prediction_type!r} is not supported for training; "
+            "use 'epsilon', 'v_prediction' or 'sample'."
+        )
+    timesteps = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
+    noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+    if prediction_type == "epsilon":
+        return timesteps, noisy, noise
+    if prediction_type == "v_prediction":
+        return timesteps, noisy, scheduler.get_velocity(latents, noise, timesteps)
+    return timesteps, noisy, latents
+
+
+def unet_condition_inputs(
+    unet: torch.nn.Module, batchdata: Mapping[str, Any], device: torch.device | str | None
+) -> dict[str, torch.Tensor]:
+    """
+    The conditioning keyword inputs of a MAISI diffusion UNet for a batch of :class:`scripts.embeddings.LoadLatentd` samples.
+
+    Exactly the inputs the network was built with are returned, under the names of its ``forward``:
+    ``class_labels`` (``num_class_embeds``; the modality codes, int64, ``(B,)``), ``spacing_tensor``
+    (``include_spacing_input``; mm x 100, ``(B, 3)``) and ``top_region_index_tensor`` /
+    ``bottom_region_index_tensor`` (``include_top/bottom_region_index_input``; one-hots x 100, ``(B, 4)``).
+
+    Parameters
+    ----------
+    unet
+        the diffusion UNet (a DDP wrapper is unwrapped); only its input flags are read.
+    batchdata
+        the collated batch (``modality``, ``spacing``, ``top_region_index``, ``bottom_region_index``).
+    device
+        where the tensors go.
+
+    Raises
+    ------
+    ValueError
+        the UNet is conditioned on body regions but a sample has none (all zeros).
+    """
+    unet = unwrap_module(unet)
+    inputs: dict[str, torch.Tensor] = {}
+    if getattr(unet, "num_class_embeds", None) is not None:
+        inputs["class_labels"] = torch.as_tensor(batchdata["modality"]).to(device).reshape(-1).long()
+    if getattr(unet, "include_spacing_input", False):
+        inputs["spacing_tensor"] = torch.as_tensor(batchdata["spacing"]).to(device).float() * SPACING_SCALE
+    for key, flag in (("top_region_index", "include_top_region_index_input"), ("bottom_region_index", "include_bottom_region_index_input")):
+        if getattr(unet, flag, False):
+            region = torch.as_tensor(batchdata[key]).to(device).float()
+            if not bool(region.sum(dim=-1).gt(0).all()):
+                raise ValueError(
+                    f"this UNet is conditioned on {key} but a training sample has none (all zeros); "
+                    "write the body regions into the datalist (scripts.data_prep datalist --top_region ... "
+                    "--bottom_region ...) and recreate the embeddings."
+                )
+            inputs[f"{key}_tensor"] = region * REGION_INDEX_SCALE
+    return inputs
 
 
 class LatentDiffusionPrepareBatch(PrepareBatch):
@@ -99,16 +190,11 @@ class LatentDiffusionPrepareBatch(PrepareBatch):
     Prepare one training batch of the MAISI diffusion UNet (used as ``SupervisedTrainer(prepare_batch=...)``
     with a ``SimpleInferer``).
 
-    From a batch of :class:`scripts.embeddings.LoadLatentd` samples it draws noise and timesteps, and returns
-    ``(noisy_latents, target, (), unet_kwargs)``; the UNet is then called as
-    ``unet(noisy_latents, timesteps=..., class_labels=..., spacing_tensor=..., top/bottom_region_index_tensor=...)``
-    with exactly the inputs the network was built with (``num_class_embeds``, ``include_spacing_input``,
-    ``include_top/bottom_region_index_input``).
-
-    - Rectified flow (``RFlowScheduler``): ``t`` from the scheduler's ``sample_timesteps`` (with its
-      resolution-dependent shift), ``x_t = (1 - t/T) x0 + (t/T) noise``, target = velocity ``x0 - noise``.
-    - DDPM (any other MONAI scheduler): ``t ~ U{0..T-1}``, ``x_t = scheduler.add_noise``, target per
-      ``prediction_type``: ``noise`` (epsilon), ``get_velocity`` (v_prediction) or ``x0`` (sample).
+    From a batch of :class:`scripts.embeddings.LoadLatentd` samples it draws noise and timesteps
+    (:func:`noisy_latents_and_target`), and returns ``(noisy_latents, target, (), unet_kwargs)``; the UNet is
+    then called as ``unet(noisy_latents, timesteps=..., **unet_condition_inputs(...))`` with exactly the
+    inputs the network was built with. While the UNet trains, its modality labels go through
+    :func:`augment_modality_labels`.
 
     Parameters
     ----------
@@ -139,58 +225,23 @@ class LatentDiffusionPrepareBatch(PrepareBatch):
         self.modality_generalize_prob = float(modality_generalize_prob)
         self.modality_dropout_prob = float(modality_dropout_prob)
 
-    def sample_timesteps(self, latents: torch.Tensor) -> torch.Tensor:
-        """Training timesteps for a batch of latents (continuous for rectified flow, integer for DDPM)."""
-        if isinstance(self.scheduler, RFlowScheduler):
-            return self.scheduler.sample_timesteps(latents)
-        return torch.randint(0, self.scheduler.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The regression target of the UNet output."""
-        if isinstance(self.scheduler, RFlowScheduler):
-            return latents - noise
-        prediction_type = getattr(self.scheduler, "prediction_type", "epsilon")
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        if prediction_type == "sample":
-            return latents
-        raise ValueError(f"noise_scheduler prediction_type={prediction_type!r} is not supported.")
-
     def conditions(self, batchdata: Mapping[str, Any], device: torch.device | str | None) -> dict[str, torch.Tensor]:
-        """The UNet's conditioning inputs (spacing and region one-hots scaled x100, modality codes)."""
-        unet = unwrap_module(self.network)
-        kwargs: dict[str, torch.Tensor] = {}
-        if getattr(unet, "num_class_embeds", None) is not None:
-            labels = torch.as_tensor(batchdata["modality"]).to(device)
-            if unet.training:
-                labels = augment_modality_labels(labels, self.modality_generalize_prob, self.modality_dropout_prob)
-            kwargs["class_labels"] = labels.reshape(-1).long()
-        if getattr(unet, "include_spacing_input", False):
-            kwargs["spacing_tensor"] = torch.as_tensor(batchdata["spacing"]).to(device).float() * SPACING_SCALE
-        for key, flag in (("top_region_index", "include_top_region_index_input"), ("bottom_region_index", "include_bottom_region_index_input")):
-            if getattr(unet, flag, False):
-                region = torch.as_tensor(batchdata[key]).to(device).float()
-                if not bool(region.sum(dim=-1).gt(0).all()):
-                    raise ValueError(
-                        f"this UNet is conditioned on {key} but a training sample has none (all zeros); "
-                        "write the body regions into the datalist (scripts.data_prep datalist --top_region ... "
-                        "--bottom_region ...) and recreate the embeddings."
-                    )
-                kwargs[f"{key}_tensor"] = region * REGION_INDEX_SCALE
-        return kwargs
+        """The UNet's conditioning inputs (:func:`unet_condition_inputs`), modality labels augmented while training."""
+        inputs = unet_condition_inputs(self.network, batchdata, device)
+        if "class_labels" in inputs and unwrap_module(self.network).training:
+            inputs["class_labels"] = augment_modality_labels(
+                inputs["class_labels"], self.modality_generalize_prob, self.modality_dropout_prob
+            )
+        return inputs
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
         latents = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking, **kwargs).float()
         latents = latents * self.scale_factor
-        noise = torch.randn_like(latents)
-        timesteps = self.sample_timesteps(latents)
-        noisy = self.scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+        timesteps, noisy, target = noisy_latents_and_target(self.scheduler, latents, torch.randn_like(latents))
         unet_kwargs = {"timesteps": timesteps, **self.conditions(batchdata, device)}
-        return noisy, self.target(latents, noise, timesteps), (), unet_kwargs
+        return noisy, target, (), unet_kwargs
 
 
 def compute_scale_factor(latents: Sequence[torch.Tensor]) -> float:
@@ -261,8 +312,7 @@ def load_pretrained_unet(
     ValueError
         ``finetune`` is true but the file does not exist (naming ``trained_diffusion_path``).
     """
-    if not isinstance(finetune, bool):
-        raise ValueError(f"finetune={finetune!r} must be true or false.")
+    check_bool("finetune", finetune)
     if not finetune:
         return None
     path = Path(trained_diffusion_path)
@@ -274,20 +324,6 @@ def load_pretrained_unet(
     load_network_weights(network, path, state_dict_key="unet_state_dict", map_location=device)
     logger.info("fine-tuning from %s", path)
     return str(path)
-
-
-def check_export_path(exported_diffusion_path: str | os.PathLike, trained_diffusion_path: str | os.PathLike | None) -> Path:
-    """
-    Refuse an ``exported_diffusion_path`` that is the ``trained_diffusion_path`` file (the downloaded weights
-    by default): training writes its own file and never overwrites the weights it may start from.
-    """
-    exported = Path(exported_diffusion_path).resolve()
-    if trained_diffusion_path is not None and exported == Path(trained_diffusion_path).resolve():
-        raise ValueError(
-            f"exported_diffusion_path={str(exported_diffusion_path)!r} is trained_diffusion_path; choose another file "
-            "(the default is runs/train_diffusion/diff_unet_3d_<version>.pt) so the source weights stay intact."
-        )
-    return exported
 
 
 def check_diffusion_training_settings(
@@ -302,10 +338,8 @@ def check_diffusion_training_settings(
         ("save_interval", save_interval),
         ("log_every_n_iterations", log_every_n_iterations),
     ):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1.")
-    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(float(lr)) or lr <= 0:
-        raise ValueError(f"lr={lr!r} is not allowed; it must be a positive number.")
+        check_positive_int(name, value)
+    check_positive_number("lr", lr)
 
 
 def polynomial_decay(total_iters: int, power: float = 2.0) -> Callable[[int], float]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from monai.transforms import MapTransform, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
 
-from .constants import CT_HU_MAX, CT_HU_MIN
+from .constants import CT_HU_MAX, CT_HU_MIN, CT_MODALITY_CODES, MR_MIN_MODALITY_CODE
 
 __all__ = [
     "CT_INPUT_RANGE",
@@ -47,15 +47,13 @@ CT_INPUT_RANGE = (CT_HU_MIN, CT_HU_MAX)
 # MR: (lower, upper) percentiles mapped onto [0, 1] (not clipped).
 MR_PERCENTILE_RANGE = (0.0, 99.5)
 
-_CT_CODES = range(1, 8)  # modality_mapping.json: 1..7 are CT
-_MR_MIN_CODE = 8  # 8 and above are MR; 0 is "unknown" (the classifier-free-guidance null class)
 _FAMILY_NAMES = {"ct": "ct", "mr": "mr", "mri": "mr"}
 
 
 def _family_of_code(code: int, shown: Any) -> str:
-    if code in _CT_CODES:
+    if code in CT_MODALITY_CODES:
         return "ct"
-    if code >= _MR_MIN_CODE:
+    if code >= MR_MIN_MODALITY_CODE:
         return "mr"
     raise ValueError(
         f"modality={shown!r} (code {code}) has no intensity convention: code 0 is 'unknown' (the "

@@ -26,7 +26,7 @@ import torch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 from tqdm import tqdm
 
-UNCONDITIONAL_CLASS_LABEL = 0  # the modality label dropped to during training for classifier-free guidance
+from .constants import UNCONDITIONAL_CLASS_LABEL
 
 
 @dataclass(frozen=True)

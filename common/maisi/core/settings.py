@@ -33,7 +33,8 @@ from typing import Any
 from .decode import BUDGET_ID, OVERLAP_ID, ROI_ID, SPLITS_ID
 from .label_io import LABEL_FILE_EXTENSIONS
 from .report import jsonable
-from .value_checks import check_int_at_least, int_triple, is_int, is_real
+from .checks import check_bool, check_files_exist, check_int_at_least
+from .value_checks import int_triple, is_int, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ __all__ = [
     "GenerationSettings",
     "RequiredFiles",
     "SampleTask",
+    "check_bool",
     "check_decode_settings",
     "mask_dir_rows",
     "read_request_manifest",
@@ -155,14 +157,7 @@ class RequiredFiles:
         FileNotFoundError
             listing every missing file with its config id and the command that downloads the published ones.
         """
-        missing = self.missing()
-        if missing:
-            listing = ", ".join(f"{key}={str(path)!r}" for key, path in missing.items())
-            raise FileNotFoundError(
-                f"missing file(s): {listing}. Download the published files this run needs with `python -m scripts.download` "
-                f"run in the bundle folder {self.bundle_root} with the same ids as this run (the URLs are in "
-                f"{self.bundle_root / 'large_files.yml'}; see docs/README.md), or point these ids at your own files."
-            )
+        check_files_exist(self.files, self.bundle_root, download_command="python -m scripts.download <the ids of this run>")
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per file: ``{"id", "path", "present", "size_bytes"}`` (for the dry run)."""
@@ -421,13 +416,6 @@ class GenerationSettings:
 def check_run_ids(num_output_samples: Any, random_seed: Any) -> tuple[int, int]:
     """Check ``num_output_samples`` (>= 1) and ``random_seed`` (>= 0)."""
     return check_int_at_least("num_output_samples", num_output_samples, 1), check_int_at_least("random_seed", random_seed, 0)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """Check that ``value`` (the config id ``name``) is ``true`` or ``false``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not allowed; it must be true or false.")
-    return value
 
 
 def request_rows(

@@ -47,8 +47,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from .checks import check_amp, check_non_negative, check_positive_int, check_positive_number
 from .intensity import intensity_transforms, modality_family
-from .training_data import check_amp, check_non_negative, check_positive_int, check_positive_number
 
 __all__ = [
     "RECONSTRUCTION_LOSSES",

@@ -31,7 +31,6 @@ __all__ = [
     "as_list_or_none",
     "check_cfg_guidance_scale",
     "check_controlnet_label_mapping",
-    "check_int_at_least",
     "check_num_steps",
     "check_version",
     "did_you_mean",
@@ -118,13 +117,6 @@ def load_json_file(name: str, path: str | os.PathLike) -> Any:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{name}={str(path)!r} is not a readable JSON file ({error}).") from error
-
-
-def check_int_at_least(name: str, value: Any, minimum: int) -> int:
-    """Check that ``value`` (the config id ``name``) is an integer >= ``minimum``; return it as ``int``."""
-    if not is_int(value) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}.")
-    return int(value)
 
 
 def check_cfg_guidance_scale(scale: Any) -> float:
