@@ -363,6 +363,10 @@ class GenerationSettings:
         image file extension.
     progress
         show progress bars.
+    mask_check_strict
+        refuse user masks without a body label instead of warning.
+    mask_findings
+        request id -> the findings of its user mask (for the report).
     """
 
     version: str
@@ -373,6 +377,54 @@ class GenerationSettings:
     overwrite: bool
     image_output_ext: str
     progress: bool
+    mask_check_strict: bool
+    mask_findings: dict[str, list[dict[str, Any]]]
+
+    def _check_output_ids(self, output_dir: Any, overwrite: Any, progress: Any, mask_check_strict: Any, bundle_root: Any) -> None:
+        """Check and set the ids of the output folder, progress, mask strictness and the bundle folder."""
+        self.output_dir = Path(str(output_dir))
+        self.overwrite = check_bool("overwrite", overwrite)
+        self.progress = check_bool("progress", progress)
+        self.mask_check_strict = check_bool("mask_check_strict", mask_check_strict)
+        self.bundle_root = Path(str(bundle_root))
+        self.mask_findings: dict[str, list[dict[str, Any]]] = {}
+
+    def _build_requests(self, rows: list[tuple[dict[str, Any], str]], source: str, defaults: Mapping[str, Any], num_samples: int, seed: int) -> None:
+        """
+        The requests of ``rows`` (``request_rows``), with their sample counts and first seeds; ids must be unique.
+
+        ``defaults`` are the top-level ids a row may leave out; :meth:`_request` builds one request.
+        """
+        counts = [row_int(row, "num_samples", num_samples, 1, where) for row, where in rows]
+        seeds = first_seeds(seed, counts, [row_int(row, "seed", None, 0, where) for row, where in rows])
+        self.request_source = source
+        self.request_places = [where for _, where in rows]
+        self.requests = [
+            self._request(row, defaults, where, position, count, first)
+            for position, ((row, where), count, first) in enumerate(zip(rows, counts, seeds))
+        ]
+        seen: set[str] = set()
+        for request in self.requests:
+            if request.request_id in seen:
+                raise ValueError(f"{source}: request id {request.request_id!r} is used twice; ids name the output files.")
+            seen.add(request.request_id)
+
+    def _request(self, row: Mapping[str, Any], defaults: Mapping[str, Any], where: str, position: int, count: int, seed: int) -> Any:
+        """One request from a row (bundle-specific)."""
+        raise NotImplementedError
+
+    def _open_output_dir(self, label_ext: str | None) -> None:
+        """The output folder of the run (``self.store``), refused when it holds another run's samples."""
+        from .sample_store import SampleStore  # the store imports SampleTask from this module
+
+        self.store = SampleStore(self.output_dir, self.image_output_ext, label_ext, self.overwrite)
+        self.store.check_output_dir({t.stem: self.fingerprint(self.requests[t.request_index]) for t in self.tasks()})
+
+    def _record_mask_findings(self, request: Any, where: str, findings: list[Any]) -> None:
+        """Log a user mask's findings (the refusals were raised) and keep them for the run report."""
+        for finding in findings:
+            logger.warning("%s%s", f"{where}: " if where else "", finding.message)
+        self.mask_findings[request.request_id] = [f.to_dict() for f in findings]
 
     def tasks(self) -> list[SampleTask]:
         """Every sample of every request, in request order."""
@@ -409,6 +461,8 @@ class GenerationSettings:
                 "files": {key: str(path) for key, path in self.files.files.items()},
                 "output_dir": self.output_dir,
                 "overwrite": self.overwrite,
+                "mask_check_strict": self.mask_check_strict,
+                "mask_findings": self.mask_findings,
             }
         )
 

@@ -50,7 +50,6 @@ from .mask_database import (
 from .mask_checks import MaskFinding, MaskRequest, check_user_mask, load_organ_volume_reference, raise_for_refusals, summarize_mask
 from .mask_generation import check_controllable_anatomy_size
 from .modality import load_modality_mapping, resolve_modality
-from .sample_store import SampleStore
 from .checks import check_int_at_least
 from .settings import (
     GenerationSettings,
@@ -59,11 +58,9 @@ from .settings import (
     check_bool,
     check_decode_settings,
     check_run_ids,
-    first_seeds,
     in_row,
     request_id_of,
     request_rows,
-    row_int,
     row_value,
 )
 from .value_checks import (
@@ -381,7 +378,7 @@ class CTGenerationSettings(GenerationSettings):
         bundle_root: Any = ".",
     ) -> None:
         self.version = check_version(version, CT_VERSIONS, "CT")
-        self.mask_check_strict = check_bool("mask_check_strict", mask_check_strict)
+        self._check_output_ids(output_dir, overwrite, progress, mask_check_strict, bundle_root)
         self.image_only = check_bool("image_only", image_only)
         if self.image_only and self.version != "rflow-ct":
             raise ValueError(
@@ -414,11 +411,7 @@ class CTGenerationSettings(GenerationSettings):
                 f"label_output_ext='.dcm' needs image_output_ext='.dcm' (got {self.image_output_ext!r}): a DICOM "
                 "Segmentation references the DICOM image series it segments."
             )
-        self.overwrite = check_bool("overwrite", overwrite)
-        self.progress = check_bool("progress", progress)
-        self.output_dir = Path(str(output_dir))
         self.all_files = {str(k): v for k, v in files.items()}
-        self.bundle_root = Path(str(bundle_root))
 
         defaults = {
             "output_size": output_size,
@@ -428,19 +421,11 @@ class CTGenerationSettings(GenerationSettings):
             "controllable_anatomy_size": controllable_anatomy_size,
             "mask_path": mask_path,
         }
-        rows, self.request_source = request_rows(request_manifest, mask_dir, mask_path, MANIFEST_FIELDS)
-        counts = [row_int(row, "num_samples", num_samples, 1, where) for row, where in rows]
-        seeds = first_seeds(seed, counts, [row_int(row, "seed", None, 0, where) for row, where in rows])
-        self.request_places = [where for _, where in rows]
-        self.requests = [
-            self._request(row, defaults, where, position, n, s) for position, ((row, where), n, s) in enumerate(zip(rows, counts, seeds))
-        ]
-        self._check_unique_ids()
+        self._build_requests(*request_rows(request_manifest, mask_dir, mask_path, MANIFEST_FIELDS), defaults, num_samples, seed)
         self.files = RequiredFiles(self._needed_files(), self.bundle_root)
         self.candidates = self._check_database()
         self._check_user_masks()
-        self.store = SampleStore(self.output_dir, self.image_output_ext, self.label_output_ext, self.overwrite)
-        self.store.check_output_dir({t.stem: self.fingerprint(self.requests[t.request_index]) for t in self.tasks()})
+        self._open_output_dir(self.label_output_ext)
 
     # ids ------------------------------------------------------------------------------------------------
 
@@ -475,13 +460,6 @@ class CTGenerationSettings(GenerationSettings):
             return CTRequest(**common, mask_source=DATABASE_MASK, region_indices=tuple(regions), anatomy_ids=tuple(anatomy))
         except ValueError as error:
             raise in_row(where, error) from error
-
-    def _check_unique_ids(self) -> None:
-        seen: set[str] = set()
-        for request in self.requests:
-            if request.request_id in seen:
-                raise ValueError(f"{self.request_source}: request id {request.request_id!r} is used twice; ids name the output files.")
-            seen.add(request.request_id)
 
     def sources(self) -> set[str]:
         """The mask sources the requests use."""
@@ -541,15 +519,12 @@ class CTGenerationSettings(GenerationSettings):
         """Check every user mask; keep the findings (warnings are logged) for the run report."""
         users = [(r, w) for r, w in zip(self.requests, self.request_places) if r.mask_source == USER_MASK]
         reference = load_organ_volume_reference(self.all_files.get("organ_volume_reference")) if users else None
-        self.mask_findings: dict[str, list[dict[str, Any]]] = {}
         for request, where in tqdm(users, desc="checking user masks", unit="mask", disable=not self.progress or len(users) < 2):
             try:
                 findings = check_user_mask_ct(request.mask_path, request, self.version, self.label_dict, self.mask_check_strict, reference)
             except ValueError as error:
                 raise in_row(where, error) from error
-            for finding in findings:
-                logger.warning("%s%s", f"{where}: " if where else "", finding.message)
-            self.mask_findings[request.request_id] = [f.to_dict() for f in findings]
+            self._record_mask_findings(request, where, findings)
 
     def prepare(self) -> None:
         """
@@ -580,6 +555,3 @@ class CTGenerationSettings(GenerationSettings):
             "augment_masks": self.augment_masks,
             "label_output_ext": self.label_output_ext,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "mask_check_strict": self.mask_check_strict, "mask_findings": self.mask_findings}

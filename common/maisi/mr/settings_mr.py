@@ -34,7 +34,6 @@ from .label_io import load_label_file, resample_mask
 from .labels import load_label_dict, remap_mr_labels_for_controlnet
 from .mask_checks import MaskRequest, check_user_mask, load_organ_volume_reference, raise_for_refusals, summarize_mask
 from .modality import load_modality_mapping, resolve_modality
-from .sample_store import SampleStore
 from .settings import (
     GenerationSettings,
     RequestBase,
@@ -42,11 +41,9 @@ from .settings import (
     check_bool,
     check_decode_settings,
     check_run_ids,
-    first_seeds,
     in_row,
     request_id_of,
     request_rows,
-    row_int,
     row_value,
 )
 from .value_checks import check_cfg_guidance_scale, check_controlnet_label_mapping, check_num_steps, check_version, float_triple, int_triple
@@ -234,7 +231,7 @@ class MRGenerationSettings(GenerationSettings):
         bundle_root: Any = ".",
     ) -> None:
         self.version = check_version(version, MR_VERSIONS, "MR")
-        self.mask_check_strict = check_bool("mask_check_strict", mask_check_strict)
+        self._check_output_ids(output_dir, overwrite, progress, mask_check_strict, bundle_root)
         self.label_dict = load_label_dict(label_dict_json)
         num_samples, seed = check_run_ids(num_output_samples, random_seed)
         self.modality_mapping = load_modality_mapping(modality_mapping_json)
@@ -250,19 +247,8 @@ class MRGenerationSettings(GenerationSettings):
             autoencoder_sliding_window_infer_size, autoencoder_sliding_window_infer_overlap, autoencoder_tp_num_splits, memory_budget_gb
         )
         self.image_output_ext = check_output_ext("image_output_ext", image_output_ext)
-        self.overwrite = check_bool("overwrite", overwrite)
-        self.progress = check_bool("progress", progress)
-        self.output_dir = Path(str(output_dir))
-        self.bundle_root = Path(str(bundle_root))
         defaults = {"output_size": output_size, "spacing": spacing, "modality": modality, "mask_path": mask_path}
-        rows, source = request_rows(request_manifest, mask_dir, mask_path, MANIFEST_FIELDS)
-        counts = [row_int(row, "num_samples", num_samples, 1, where) for row, where in rows]
-        explicit = [row_int(row, "seed", None, 0, where) for row, where in rows]
-        seeds = first_seeds(seed, counts, explicit)
-        self.request_places = [where for _, where in rows]
-        self.requests = [self._request(row, defaults, where, i, n, s) for i, ((row, where), n, s) in enumerate(zip(rows, counts, seeds))]
-        if len({r.request_id for r in self.requests}) != len(self.requests):
-            raise ValueError(f"{source}: request ids must be unique; they name the output files.")
+        self._build_requests(*request_rows(request_manifest, mask_dir, mask_path, MANIFEST_FIELDS), defaults, num_samples, seed)
         needed = ["trained_autoencoder_path", "trained_diffusion_path"]
         if any(r.mask_path is not None for r in self.requests):
             needed.append("trained_controlnet_path")
@@ -271,8 +257,7 @@ class MRGenerationSettings(GenerationSettings):
             raise ValueError(f"{absent[0]}=None: this run reads it (image-from-mask needs trained_controlnet_path).")
         self.files = RequiredFiles({k: files[k] for k in needed}, self.bundle_root)
         self._check_masks()
-        self.store = SampleStore(self.output_dir, self.image_output_ext, self.image_output_ext, self.overwrite)
-        self.store.check_output_dir({t.stem: self.fingerprint(self.requests[t.request_index]) for t in self.tasks()})
+        self._open_output_dir(self.image_output_ext)
 
     def _request(self, row: Mapping[str, Any], defaults: Mapping[str, Any], where: str, position: int, count: int, seed: int) -> MRRequest:
         try:
@@ -296,10 +281,9 @@ class MRGenerationSettings(GenerationSettings):
         """Check every user mask (loadable, mappable, the mask checks); keep the findings for the run report."""
         with_masks = [(r, w) for r, w in zip(self.requests, self.request_places) if r.mask_path is not None]
         reference = load_organ_volume_reference() if with_masks else None
-        self.mask_findings: dict[str, list[dict[str, Any]]] = {}
         for request, where in tqdm(with_masks, desc="checking masks", unit="mask", disable=not self.progress or len(with_masks) < 2):
             try:
-                mask = self.load_mask(request)
+                self.load_mask(request)  # resampled and mapped for the ControlNet: raises when unusable
                 raw = load_label_file(request.mask_path, "cpu", strict=True)
                 findings = check_user_mask(
                     summarize_mask(raw, raw.affine, request.mask_path),
@@ -310,10 +294,7 @@ class MRGenerationSettings(GenerationSettings):
                 raise_for_refusals(findings)
             except ValueError as error:
                 raise in_row(where, error) from error
-            del mask
-            for finding in findings:
-                logger.warning("%s%s", f"{where}: " if where else "", finding.message)
-            self.mask_findings[request.request_id] = [f.to_dict() for f in findings]
+            self._record_mask_findings(request, where, findings)
 
     def load_mask(self, request: MRRequest) -> MRMask | None:
         """The request's mask at its geometry, mapped for the ControlNet; ``None`` for image-only requests."""
@@ -333,6 +314,3 @@ class MRGenerationSettings(GenerationSettings):
             "controlnet_label_mapping": self.controlnet_label_mapping,
             "zero_outside_mask": self.zero_outside_mask,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "mask_check_strict": self.mask_check_strict, "mask_findings": self.mask_findings}
