@@ -59,7 +59,7 @@ def test_mask_generation_networks_are_built_only_when_a_mask_is_generated(monkey
             _original(self, *args, **kwargs)
 
         monkeypatch.setattr(network_class, "__init__", counting_init)
-    for name in ("mask_autoencoder.pt", "mask_unet.pt", "sizes.json"):
+    for name in ("mask_autoencoder.pt", "mask_unet.pt", "sizes.json", "autoencoder.pt", "unet.pt", "controlnet.pt"):
         (tmp_path / name).write_bytes(b"not a real file")
     tiny = {
         "bundle_root": str(BUNDLE),
@@ -74,6 +74,9 @@ def test_mask_generation_networks_are_built_only_when_a_mask_is_generated(monkey
         "trained_mask_generation_autoencoder_path": str(tmp_path / "mask_autoencoder.pt"),
         "trained_mask_generation_diffusion_path": str(tmp_path / "mask_unet.pt"),
         "all_anatomy_size_condtions_json": str(tmp_path / "sizes.json"),
+        "trained_autoencoder_path": str(tmp_path / "autoencoder.pt"),
+        "trained_diffusion_path": str(tmp_path / "unet.pt"),
+        "trained_controlnet_path": str(tmp_path / "controlnet.pt"),
     }
     with bundle_scripts(BUNDLE):
         parser = parse_bundle_config(BUNDLE, ["inference.json"], tiny)

@@ -19,8 +19,9 @@ DICOM Segmentation (``highdicom``) with one segment per label id, named from ``l
 
 Nothing identifies a real patient: the patient is ``SYNTHETIC^MAISI`` with the sample's name as id,
 ``PatientIdentityRemoved`` is ``YES`` and the de-identification method says the image is synthetic. UIDs are
-derived from the sample (name, seed and settings fingerprint) and no date or time is written, so the same sample
-gives the same bytes in every run and process layout. Writes are atomic: a series goes to a temporary folder
+derived from the sample (name, seed and settings fingerprint), the image series carries no date or time and the
+Segmentation's required dates are fixed (2000-01-01), so the same sample gives the same bytes in every run and
+process layout. Writes are atomic: a series goes to a temporary folder
 that is renamed into place.
 """
 
@@ -31,6 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +40,8 @@ __all__ = ["write_dicom_segmentation", "write_dicom_series"]
 
 CT_RESCALE_INTERCEPT = -1024.0  # stored value 0 = -1024 HU, the usual CT convention
 _UID_ROOT = "1.2.826.0.1.3680043.10.1559."  # pydicom's generate_uid needs a prefix; derived UIDs, not a registered root
-_CODING_SCHEME = "99MAISI"  # private coding scheme of the MAISI label names (no standard code is claimed)
+_CODING_SCHEME = "99MAISI"
+FIXED_DATE, FIXED_TIME = "20000101", "000000"  # the Segmentation's required dates: fixed, not the clock  # private coding scheme of the MAISI label names (no standard code is claimed)
 
 
 def _uid(*parts: object) -> str:
@@ -148,6 +151,21 @@ def write_dicom_series(volume: np.ndarray, folder: str | os.PathLike, spacing: S
     return _replace_folder(write, Path(folder))
 
 
+def _fix_generated_values(seg: Any, identity: str) -> None:
+    """
+    Replace what highdicom fills in from the clock or at random (creation and content times, the dimension
+    organisation UID) with fixed or derived values, so that a sample always gives the same bytes.
+    """
+    seg.InstanceCreationDate = seg.ContentDate = FIXED_DATE
+    seg.InstanceCreationTime = seg.ContentTime = FIXED_TIME
+    for equipment in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:
+            equipment.ContributionDateTime = FIXED_DATE + FIXED_TIME
+    organisation = _uid(identity, "seg-dimensions")
+    for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
+        item.DimensionOrganizationUID = organisation
+
+
 def write_dicom_segmentation(
     labels: np.ndarray, path: str | os.PathLike, series_folder: str | os.PathLike, label_names: Mapping[int, str], identity: str
 ) -> Path:
@@ -194,6 +212,7 @@ def write_dicom_segmentation(
         content_description="MAISI label map (raw label ids in the segment types)",
         omit_empty_frames=False,  # one frame per segment and source slice: a fixed, simple layout
     )
+    _fix_generated_values(seg, identity)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".dcm", dir=path.parent)
