@@ -143,7 +143,7 @@ def backbone_style(backbone: Any) -> str:
 
 def default_backbone_path(backbone: Any, model_dir: str | os.PathLike) -> str:
     """``<model_dir>/<published file name>`` of ``backbone`` (the default of ``backbone_weights_path``)."""
-    return str(Path(model_dir) / backbone_spec(backbone).file_name)
+    return os.path.join(str(model_dir), backbone_spec(backbone).file_name)
 
 
 # ---------------------------------------------------------------------------------------------------

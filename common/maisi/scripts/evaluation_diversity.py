@@ -240,7 +240,7 @@ class DistributionMetrics:
         if self.settings.intensity != "ct" or not paired:
             return None
         statistics = load_ct_statistics(self.organ_statistics_json)
-        loader = Compose([LoadImaged(keys=["image", "label"], ensure_channel_first=True), Orientationd(keys=["image", "label"], axcodes="RAS")])
+        loader = Compose([LoadImaged(keys=["image", "label"], ensure_channel_first=True), Orientationd(keys=["image", "label"], axcodes="RAS", labels=None)])
         cases = []
         for item in tqdm(paired, desc="organ HU medians", unit="volume", disable=not self.progress):
             data = loader({"image": item["image"], "label": item["label"]})
