@@ -55,7 +55,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
-from bench_maisi_ct import BUNDLE_DIR, CONFIG_DIR, describe_machine, import_bundle_scripts, peak_rss_mb, reset_peak_rss, stats  # noqa: E402
+from bench_maisi_ct import (  # noqa: E402
+    BUNDLE_DIR,
+    CONFIG_DIR,
+    describe_machine,
+    import_bundle_scripts,
+    non_negative_int,
+    peak_rss_mb,
+    positive_int,
+    reset_peak_rss,
+    stats,
+)
 
 logger = logging.getLogger("bench_evaluation")
 
@@ -151,13 +161,6 @@ def format_table(results: Mapping[str, Any], outputs: Mapping[str, Any], machine
     return "\n".join(lines)
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
-    return number
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     cli.add_argument("--tiny", action="store_true", help="tiny backbone and autoencoder, for a smoke run")
@@ -166,7 +169,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     cli.add_argument("--recon-shape", type=positive_int, nargs=3, default=[128, 128, 64], help="reconstruction volume (default 128 128 64)")
     cli.add_argument("--memory-budget-gb", type=float, default=4.0, help="decode memory budget (default 4)")
     cli.add_argument("--repetitions", type=positive_int, default=2, help="timed repetitions per row (default 2)")
-    cli.add_argument("--warmup", type=int, default=0, help="untimed repetitions first (default 0)")
+    cli.add_argument("--warmup", type=non_negative_int, default=0, help="untimed repetitions first (default 0)")
     cli.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     cli.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights (default 0)")
     cli.add_argument("--json-out", type=Path, default=None, help="also write the results to this JSON file")

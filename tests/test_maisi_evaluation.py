@@ -89,7 +89,8 @@ def workspace(scripts, tmp_path_factory):
         labels[6:12, 6:12, 4:10], labels[14:20, 6:12, 4:10] = 1, 3  # liver, spleen
         synthetic[labels == 1], synthetic[labels == 3] = 60.0 + index, 900.0  # liver in range, spleen above it
         write_volume(root / "synthetic" / f"sample_{index:04d}_seed{index}_image.nii.gz", synthetic)
-        write_volume(root / "synthetic" / f"sample_{index:04d}_seed{index}_label.nii.gz", labels)
+        label_ext = ".nii.gz" if index else ".nii"  # generation's label_output_ext may differ from the image's
+        write_volume(root / "synthetic" / f"sample_{index:04d}_seed{index}_label{label_ext}", labels)
     (root / "synthetic" / "generation_report.json").write_text("{}")  # other files of a generation folder are ignored
     write_tiny_backbone(scripts.fid, root / "models" / "RadImageNet-ResNet50_notop.pth")
     return root
@@ -279,7 +280,7 @@ def test_missing_backbone_is_refused_before_any_volume_loads(workspace, tmp_path
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"target_shape": [40, 0, 32]}, r"target_shape=0 is not allowed"),
+        ({"target_shape": [40, 0, 32]}, r"target_shape=\[40, 0, 32\] is not allowed; it must be null or three integers >= 1"),
         ({"target_spacing": [1.0, -1.0, 1.0]}, r"target_spacing=\[1.0, -1.0, 1.0\] is not allowed"),
         ({"backbone": "inception_v3"}, r"backbone='inception_v3' is not allowed"),
         ({"real_datalist": "list.json"}, r"set exactly one of real_dir and real_datalist"),

@@ -111,9 +111,14 @@ def check_target_shape(value: Any, name: str = "target_shape") -> tuple[int, int
     """``None`` or three integers >= 1."""
     if value is None:
         return None
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 3:
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 3
+        or any(isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in value)
+    ):
         raise ValueError(f"{name}={value!r} is not allowed; it must be null or three integers >= 1, e.g. [512, 512, 512].")
-    return tuple(check_positive_int(name, v) for v in value)  # type: ignore[return-value]
+    return tuple(int(v) for v in value)  # type: ignore[return-value]
 
 
 def check_target_spacing(value: Any) -> tuple[float, float, float] | None:
@@ -146,13 +151,14 @@ def _is_volume_file(path: Path) -> bool:
 
 
 def _label_for(image: Path) -> str | None:
-    """``<stem>_label<ext>`` next to ``<stem>_image<ext>``, when it exists."""
+    """``<stem>_label<ext>`` (any volume extension) next to ``<stem>_image<ext>``, when it exists."""
     name = image.name
-    for ext in VOLUME_EXTENSIONS:
-        if name.lower().endswith(f"_image{ext}"):
-            candidate = image.with_name(name[: -len(f"_image{ext}")] + f"{LABEL_SUFFIX}{ext}")
-            return str(candidate) if candidate.is_file() else None
-    return None
+    ext = next((e for e in VOLUME_EXTENSIONS if name.lower().endswith(f"_image{e}")), None)
+    if ext is None:
+        return None
+    stem = name[: -len(f"_image{ext}")]
+    labels = [image.with_name(f"{stem}{LABEL_SUFFIX}{e}") for e in VOLUME_EXTENSIONS]
+    return next((str(label) for label in labels if label.is_file()), None)
 
 
 def list_volumes(folder: Any, datalist: Any, num_images: Any, set_name: str) -> list[dict[str, str]]:
