@@ -427,3 +427,25 @@ def test_autoencoder_evaluation_selects_the_fold_and_refuses_missing_weights(rec
     assert re.search(r"trained_autoencoder_path='.*none.pt' does not exist", str(initialize_error(parser_for(RECON_CONFIGS, missing))))
     wrong_fold = parser_for(RECON_CONFIGS, recon_overrides(recon_workspace, tmp_path, validation_fold=3))
     assert re.search(r"validation_fold=3 holds no entry .* its folds are \[0, 1\]", str(initialize_error(wrong_fold)))
+
+
+def test_benchmark_smoke_run(scripts, tmp_path):
+    """bench/bench_evaluation.py --tiny, in-process: every row timed, the right feature-row counts (timings meaningless)."""
+    import importlib
+    import sys
+
+    from bundle_helpers import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        bench = importlib.import_module("bench_evaluation")
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    argv = ["--tiny", "--shape", "16", "16", "8", "--recon-shape", "16", "16", "12", "--repetitions", "1", "--device", "cpu"]
+    assert bench.main([*argv, "--json-out", str(tmp_path / "bench.json")]) == 0
+    report = read_json(tmp_path / "bench.json")
+    outputs = report["outputs"]
+    assert outputs["features_every_slice"] == outputs["features_every_slice_one_batch"] == 8 + 16 + 16
+    assert outputs["features_ratio_0.4"] == 3 + 7 + 7  # int(0.3 * n) .. int(0.7 * n) per plane
+    assert np.isfinite(outputs["reconstruction"]["psnr"]) and report["settings"]["autoencoder_parameters"] > 0
+    assert all(row["repetitions"] == 1 and row["min_s"] > 0 for row in report["results"].values())
