@@ -191,11 +191,13 @@ def test_reconstruction_report(trained, dataset_dir, tmp_path):
         "num_workers": 0,
         "infer_patch_size": [PATCH, PATCH],
         "num_slices_per_volume": SLICES_PER_VOLUME,
+        "num_worst_cases": 1,
         **TINY_AUTOENCODER,
     }
     run_bundle(BUNDLE, ["inference_autoencoder.json"], overrides)
     report = json.loads((tmp_path / "reconstruction_report.json").read_text())
-    assert len(report["cases"]) == 2
+    assert len(report["cases"]) == report["num_cases"] == 2  # the MAISI reconstruction report format
+    assert report["units"] == {"psnr": "dB", "ssim": "1", "mae": "intensity on [0, 1]"}
     for case in report["cases"]:
         original = nib.load(case["original"]).get_fdata()
         reconstruction = nib.load(case["reconstruction"]).get_fdata()
@@ -203,7 +205,14 @@ def test_reconstruction_report(trained, dataset_dir, tmp_path):
         assert 0.0 <= original.min() and original.max() <= 1.0
         mse = float(np.mean((original - reconstruction) ** 2))
         assert case["psnr"] == pytest.approx(10 * np.log10(1.0 / mse), rel=1e-3)
+        assert case["mae"] == pytest.approx(float(np.mean(np.abs(original - reconstruction))), rel=1e-4)
     assert np.isfinite(report["mean"]["psnr"]) and -1.0 <= report["mean"]["ssim"] <= 1.0
+    assert report["mean"]["mae"] == pytest.approx(np.mean([case["mae"] for case in report["cases"]]))
+    worst = min(range(2), key=lambda index: report["cases"][index]["psnr"])
+    assert report["worst_metric"] == "psnr" and [case["index"] for case in report["worst_cases"]] == [worst]
+    with Image.open(report["worst_cases"][0]["preview"]) as preview:  # input | reconstruction | difference
+        assert preview.size == (3 * PATCH + 2 * 4, PATCH)
+    assert report["settings"]["load_autoencoder_path"] == overrides["load_autoencoder_path"]
 
 
 def test_multi_gpu_overlays_with_gloo(dataset_dir, tmp_path):

@@ -10,6 +10,6 @@
 # limitations under the License.
 """What MONAI lacks for the 2D BraTS latent diffusion bundle; referenced from ``configs/*.json`` as ``scripts.*``."""
 
-from . import checkpoint, data, inference, latents, losses, trainers
+from . import checkpoint, data, evaluation, evaluation_report, fid, inference, latents, losses, trainers
 
-__all__ = ["checkpoint", "data", "inference", "latents", "losses", "trainers"]
+__all__ = ["checkpoint", "data", "evaluation", "evaluation_report", "fid", "inference", "latents", "losses", "trainers"]
