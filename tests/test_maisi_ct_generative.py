@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pickle
 
 import pytest
 import torch
@@ -82,10 +83,9 @@ def test_mask_generation_networks_are_built_only_when_a_mask_is_generated(monkey
         parser = parse_bundle_config(BUNDLE, ["inference.json"], tiny)
         sources = parser.get_parsed_content("mask_source")
         assert built == []  # the mask source exists, the mask networks do not
-        with pytest.raises(Exception) as error:  # the first generated mask builds them, then reads their weights
+        with pytest.raises(pickle.UnpicklingError):  # the first generated mask builds them, then reads their weights
             sources.by_kind["generated"].mask_for(parser.get_parsed_content("settings").requests[0], 0, 0)
         assert built == ["AutoencoderKlMaisi", "DiffusionModelUNet"]
-        assert "mask_autoencoder.pt" in str(error.value) or isinstance(error.value, (RuntimeError, EOFError, OSError))
 
 
 def test_published_checkpoint_formats_load_strictly(tmp_path):
