@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from bundle_helpers import REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,7 +20,7 @@ KERAS_RESNET50_NOTOP_PARAMS = 23_587_712  # keras.applications.ResNet50(include_
 
 @pytest.fixture(scope="module")
 def core():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "brats_ldm2d"):  # common/core is copied into every bundle
         import scripts.evaluation_report
         import scripts.fid
 
