@@ -7,12 +7,12 @@ import importlib
 import pytest
 import torch
 
-from bundle_helpers import BUNDLES_DIR, REPO_ROOT, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
 
 @pytest.fixture(scope="module")
 def checks():
-    with bundle_scripts(REPO_ROOT / "common" / "maisi"):
+    with bundle_scripts(BUNDLES_DIR / "brats_ldm2d"):  # common/core is copied into every bundle
         yield importlib.import_module("scripts.checks")
 
 
