@@ -48,7 +48,7 @@ def test_zip_installs_and_runs_from_its_own_folder(tmp_path):
     run_bundle(installed, ["inference.json"], overrides)  # bundle_root "." = the installed folder
     report = json.loads((installed / "output/generation_report.json").read_text())
     assert report["settings"]["version"] == "rflow-mr" and report["settings"]["cfg_guidance_scale"] == 15.0
-    assert report["settings"]["files"]["trained_controlnet_path"] == "./models/controlnet_3d_rflow-mr.pt"
+    assert report["settings"]["files"]["trained_controlnet_path"] == "models/controlnet_3d_rflow-mr.pt"  # bundle_root "."
     image = nib.load(installed / "output" / "sample_0000_seed0_image.nii.gz")
     data = np.asarray(image.dataobj)
     assert image.shape == (128, 128, 128) and data.dtype == np.int16 and data.min() >= 0

@@ -134,7 +134,7 @@ def test_mask_checks_and_missing_weights(scripts, tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         _initialize(BUNDLE, scripts, ["inference.json", "inference_rflow_mr_brain.json"])
     message = str(error.value)
-    assert "trained_diffusion_path='/nonexistent/models/diff_unet_3d_rflow-mr-brain_v1.pt'" in message
+    assert "trained_diffusion_path=/nonexistent/models/diff_unet_3d_rflow-mr-brain_v1.pt" in message
     assert "autoencoder_v1.pt" in message and "python -m scripts.download" in message and "controlnet" not in message
 
     odd = np.zeros((64, 64, 64), dtype=np.int16)

@@ -128,6 +128,7 @@ def run_settings(scripts):
             self.decode = settings.check_decode_settings(None, 0.25, None, None)
             self.files = settings.RequiredFiles({}, output_dir)
             self.output_dir, self.image_output_ext = output_dir, ".nii.gz"
+            self.mask_check_strict, self.mask_findings = False, []
 
         def output_settings(self):
             return {**super().output_settings(), "steps": self.steps}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import nibabel as nib
@@ -131,7 +132,7 @@ def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
     assert set(exported) == set(first_export) and not all(torch.equal(exported[k], first_export[k]) for k in exported)
 
     # the generation config uses the export by changing trained_autoencoder_path only (strict load)
-    with bundle_scripts(BUNDLE) as scripts:
+    with bundle_scripts(BUNDLE):
         parser = ConfigParser()
         parser.read_config(str(BUNDLE / "configs" / "inference.json"))
         parser["bundle_root"] = str(BUNDLE)
@@ -140,7 +141,8 @@ def test_train_resume_export_and_use_in_inference(dataset, tmp_path):
                 parser[key] = value
         parser["trained_autoencoder_path"] = str(tmp_path / "run" / "autoencoder.pt")
         autoencoder = parser.get_parsed_content("autoencoder_def")
-        scripts.checkpoint.load_network_weights(autoencoder, parser.get_parsed_content("trained_autoencoder_path"))
+        checkpoint_module = importlib.import_module("scripts.checkpoint")
+        checkpoint_module.load_network_weights(autoencoder, parser.get_parsed_content("trained_autoencoder_path"))
     for key, value in autoencoder.state_dict().items():
         torch.testing.assert_close(value, exported[key])
 

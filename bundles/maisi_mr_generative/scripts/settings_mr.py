@@ -281,6 +281,8 @@ class MRGenerationSettings(GenerationSettings):
         """Check every user mask (loadable, mappable, the mask checks); keep the findings for the run report."""
         with_masks = [(r, w) for r, w in zip(self.requests, self.request_places) if r.mask_path is not None]
         reference = load_organ_volume_reference() if with_masks else None
+        # ids the user maps for the ControlNet are known ids for the mask checks
+        known_ids = {**self.label_dict, **{f"controlnet_label_mapping[{s}]": s for s in self.controlnet_label_mapping}}
         for request, where in tqdm(with_masks, desc="checking masks", unit="mask", disable=not self.progress or len(with_masks) < 2):
             try:
                 self.load_mask(request)  # resampled and mapped for the ControlNet: raises when unusable
@@ -288,7 +290,7 @@ class MRGenerationSettings(GenerationSettings):
                 findings = check_user_mask(
                     summarize_mask(raw, raw.affine, request.mask_path),
                     MaskRequest(request.spacing, request.output_size, "mr", self.mask_check_strict),
-                    self.label_dict,
+                    known_ids,
                     reference,
                 )
                 raise_for_refusals(findings)
