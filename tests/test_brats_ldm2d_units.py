@@ -148,22 +148,66 @@ def test_display_orientation_is_radiological(scripts):
     assert picture.sum() == 255
 
 
-def test_sample_latent_transform(scripts):
-    item = {"z_mu": torch.full((1, 2, 2), 3.0), "z_sigma": torch.zeros(1, 2, 2)}
-    transform = scripts.latents.SampleLatentd(scale_factor=0.5)
-    assert torch.equal(transform(item)["image"], torch.full((1, 2, 2), 1.5))
-    item["z_sigma"] = torch.ones(1, 2, 2)
-    transform.set_random_state(seed=3)
-    first = transform(item)["image"]
-    transform.set_random_state(seed=3)
-    assert torch.equal(first, transform(item)["image"])
-    assert not torch.equal(first, transform(item)["image"])
+def test_slice_draws_are_named_and_distinct(scripts):
+    from monai.data import MetaTensor
+
+    volume = MetaTensor(torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5), meta={"filename_or_obj": "v.nii"})
+    draw = scripts.latents.RandSliceSamplesd(keys="image", num_samples=4)
+    draw.set_random_state(seed=0)
+    items = draw({"image": volume})
+    indices = [int(item["slice_id"].rsplit(":", 1)[1]) for item in items]
+    assert len(set(indices)) == 4 and all(item["slice_id"].startswith("v.nii:") for item in items)
+    for item, z in zip(items, indices):
+        assert item["image"].shape == (1, 2, 3)
+        torch.testing.assert_close(torch.as_tensor(item["image"]), torch.as_tensor(volume[..., z]))
+    assert len(draw({"image": volume[..., :2]})) == 4  # fewer slices than draws: drawn with replacement
+    with pytest.raises(ValueError, match="filename_or_obj"):
+        draw({"image": torch.zeros(1, 2, 3, 5)})
+
+
+class _CountingEncoder(torch.nn.Module):
+    """Stands in for ``AutoencoderKL``: ``encode`` returns (2 * x, 1 + x) and counts the slices it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def encode(self, images):
+        self.seen += images.shape[0]
+        return 2 * images, 1 + images
+
+
+def test_latent_memo_encodes_each_slice_once(scripts):
+    encoder = _CountingEncoder()
+    memo = scripts.latents.LatentMemo(encoder, "cpu", batch_size=2)
+    images = torch.arange(3, dtype=torch.float32).reshape(3, 1, 1, 1)
+    z_mu, z_sigma = memo(images, ["a", "b", "a"])  # a repeated key is encoded once
+    assert encoder.seen == 2 and len(memo) == 2
+    torch.testing.assert_close(z_mu.flatten(), torch.tensor([0.0, 2.0, 0.0]))
+    torch.testing.assert_close(z_sigma.flatten(), torch.tensor([1.0, 2.0, 1.0]))
+    z_mu, _ = memo(torch.full((2, 1, 1, 1), 9.0), ["b", "c"])  # b is known: its stored latent is used
+    assert encoder.seen == 3 and len(memo) == 3
+    torch.testing.assert_close(z_mu.flatten(), torch.tensor([2.0, 18.0]))
+    with pytest.raises(ValueError, match="encode_batch_size=0"):
+        scripts.latents.LatentMemo(encoder, "cpu", batch_size=0)
+
+
+def test_memo_prepare_batch_draws_scaled_latents(scripts):
+    memo = scripts.latents.LatentMemo(_CountingEncoder(), "cpu", batch_size=4)
+    prepare = scripts.latents.MemoLatentPrepareBatch(memo, scale_factor=0.5, num_train_timesteps=10)
+    batch = {"image": torch.full((2, 1, 2, 2), 3.0), "slice_id": ["x:0", "x:1"]}
+    torch.manual_seed(0)
+    noisy, noise, args, kwargs = prepare(batch, torch.device("cpu"))
+    torch.manual_seed(0)
+    eps = torch.randn(2, 1, 2, 2)
+    torch.testing.assert_close(noisy, (6.0 + 4.0 * eps) * 0.5)  # the clean latent is the inferer's input
+    assert noise.shape == (2, 1, 2, 2) and torch.equal(kwargs["noise"], noise)
+    assert kwargs["timesteps"].shape == (2,) and int(kwargs["timesteps"].max()) < 10
 
 
 def test_scale_factor_is_inverse_std(scripts):
-    cache = [{"z_mu": torch.randn(1, 4, 4) * 3.0, "z_sigma": torch.full((1, 4, 4), 1e-6)} for _ in range(50)]
-    values = torch.stack([c["z_mu"] for c in cache])
-    assert scripts.latents.compute_scale_factor(cache) == pytest.approx(1.0 / values.std().item(), rel=1e-4)
+    z_mu, z_sigma = torch.randn(50, 1, 4, 4) * 3.0, torch.full((50, 1, 4, 4), 1e-6)
+    assert scripts.latents.compute_scale_factor(z_mu, z_sigma) == pytest.approx(1.0 / z_mu.std().item(), rel=1e-4)
 
 
 class TestDatasetChecks:
@@ -473,3 +517,54 @@ def test_output_folder_detects_only_an_earlier_run(scripts, tmp_path):
         folder.check()
     scripts.inference.OutputFolder(tmp_path / "out", prefix="sample", overwrite=True).check()
     assert folder.stem(3, 3) == "sample_0003_seed3"
+
+
+def _tiny_weights(tmp_path) -> dict:
+    """Random tiny autoencoder and UNet weights in the published (plain state dict) format; the overrides that use them."""
+    from demo.brats_presets import TINY_AUTOENCODER, TINY_DIFFUSION
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / "inference.json")
+    for key, value in {**TINY_AUTOENCODER, **TINY_DIFFUSION}.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("autoencoder_def").state_dict(), tmp_path / "autoencoder.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "unet.pt")
+    return {
+        "bundle_root": str(tmp_path),
+        "load_autoencoder_path": str(tmp_path / "autoencoder.pt"),
+        "load_diffusion_path": str(tmp_path / "unet.pt"),
+        "latent_shape": [1, 8, 8],
+        "num_inference_steps": 3,
+        "num_output_samples": 2,
+        **TINY_AUTOENCODER,
+        **TINY_DIFFUSION,
+    }
+
+
+def test_compile_overlay_agrees_with_eager(tmp_path):
+    """
+    inference_compile.json compiles the UNet and the decoder and gives the eager images.
+
+    The test compiles with ``compile_backend: aot_eager`` (graph capture and AOT decomposition, the overlay's
+    wiring, no C++ code generation): the default inductor backend works on this CPU but takes about 2-3 minutes
+    even for these tiny networks on a 2-core machine. Inductor's numbers are measured by
+    ``bench/bench_brats_ldm2d.py --sections compile`` (max abs difference in bench/RESULTS.md).
+    """
+    import nibabel as nib
+
+    overrides = _tiny_weights(tmp_path)
+    eager = run_workflow(BUNDLE, ["inference.json"], {**overrides, "output_dir": str(tmp_path / "eager")})
+    compiled = run_workflow(
+        BUNDLE,
+        ["inference.json", "inference_compile.json"],
+        {**overrides, "output_dir": str(tmp_path / "compiled"), "compile_backend": "aot_eager"},
+    )
+    sampler = compiled.parser.get_parsed_content("sampler")
+    assert isinstance(sampler.diffusion, torch._dynamo.eval_frame.OptimizedModule)
+    assert hasattr(sampler.autoencoder.decode_stage_2_outputs, "_torchdynamo_orig_callable")
+    assert eager.parser.get_parsed_content("sampler").diffusion is eager.parser.get_parsed_content("diffusion")
+    for name in ("sample_0000_seed0.nii.gz", "sample_0001_seed1.nii.gz"):
+        reference = nib.load(tmp_path / "eager" / name).get_fdata()
+        assert reference.std() > 0
+        np.testing.assert_allclose(nib.load(tmp_path / "compiled" / name).get_fdata(), reference, atol=1e-5)
