@@ -23,3 +23,18 @@ TINY_DIFFUSION = {
     "network_def#norm_num_groups": 8,
     "network_def#num_res_blocks": 1,
 }
+
+# the demo's small networks (demo/run_demo.py): big enough to learn the synthetic anatomy in about a minute
+DEMO_PATCH = 64
+DEMO_AUTOENCODER = {
+    "autoencoder_def#channels": [16, 32, 32],
+    "autoencoder_def#norm_num_groups": 8,
+    "autoencoder_def#num_res_blocks": 1,
+}
+DEMO_DIFFUSION = {
+    "network_def#channels": [16, 32, 64],
+    "network_def#attention_levels": [False, True, True],
+    "network_def#num_head_channels": [0, 16, 16],
+    "network_def#norm_num_groups": 8,
+    "network_def#num_res_blocks": 1,
+}

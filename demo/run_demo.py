@@ -42,25 +42,14 @@ from demo.maisi_presets import (
     simulate_ct_dataset,
     write_initial_weights,
 )
+from demo.brats_presets import DEMO_AUTOENCODER, DEMO_DIFFUSION, DEMO_PATCH
 from demo.runner import BUNDLES_DIR, bundle_command, display_command, run_bundle
 from demo.synthetic import make_brats_like_dataset
 
 logger = logging.getLogger("demo")
 
-BRATS_PATCH = 64
-BRATS_SMALL_AUTOENCODER = {
-    "autoencoder_def#channels": [16, 32, 32],
-    "autoencoder_def#norm_num_groups": 8,
-    "autoencoder_def#num_res_blocks": 1,
-}
-BRATS_SMALL_DIFFUSION = {
-    "network_def#channels": [16, 32, 64],
-    "network_def#attention_levels": [False, True, True],
-    "network_def#num_head_channels": [0, 16, 16],
-    "network_def#norm_num_groups": 8,
-    "network_def#num_res_blocks": 1,
-}
-
+BRATS_AE_EPOCHS = 40
+BRATS_DIFFUSION_EPOCHS = 200
 
 def _step(title: str, bundle: Path, configs: list[str], overrides: dict) -> None:
     logger.info("%s\n    $ cd %s && %s", title, bundle.relative_to(BUNDLES_DIR.parent), display_command(bundle_command(configs, overrides)))
@@ -69,36 +58,57 @@ def _step(title: str, bundle: Path, configs: list[str], overrides: dict) -> None
     logger.info("    done in %.1f s", time.perf_counter() - start)
 
 
+def brats_preview(data_dir: Path, samples: list[str], path: Path, scale: int = 3) -> Path:
+    """
+    Write one PNG: central axial slices of training volumes (top row) above generated samples (bottom row),
+    each enlarged ``scale`` times, so the two can be compared at a glance.
+    """
+    from PIL import Image
+
+    real = []
+    for volume_path in sorted((data_dir / "Task01_BrainTumour" / "imagesTr").glob("*.nii.gz"))[: len(samples)]:
+        flair = np.asarray(nib.load(str(volume_path)).dataobj)[..., 0]
+        centre = flair.shape[0] // 2 - DEMO_PATCH // 2
+        flair = flair[centre : centre + DEMO_PATCH, centre : centre + DEMO_PATCH, flair.shape[2] // 2]
+        real.append(np.round(np.flipud(flair.T)[:, ::-1] / max(float(flair.max()), 1e-6) * 255).astype(np.uint8))
+    generated = [np.asarray(Image.open(sample)) for sample in samples]
+    rows = [np.concatenate(row, axis=1) for row in (real, generated)]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
+    return path
+
+
 def run_brats_demo(output_dir: Path) -> dict:
     """Run the brats_ldm2d chain on generated data; return where the results are."""
     bundle = BUNDLES_DIR / "brats_ldm2d"
     root = output_dir / "brats_ldm2d"
     data_dir = root / "data"
-    make_brats_like_dataset(data_dir, num_volumes=8, shape=(72, 72, 24), seed=0)
+    make_brats_like_dataset(data_dir, num_volumes=8, shape=(72, 72, 16), seed=0)
     common = {
         "bundle_root": str(root),
         "dataset_dir": str(data_dir),
         "num_workers": 0,
         "val_frac": 0.25,
-        "train_patch_size": [BRATS_PATCH, BRATS_PATCH],
-        "num_slices_per_volume": 12,
+        "train_patch_size": [DEMO_PATCH, DEMO_PATCH],
+        "num_slices_per_volume": 16,
         "train_batch_size_img": 2,
-        "train_batch_size_slice": 6,
-        "log_every_n_iterations": 5,
-        **BRATS_SMALL_AUTOENCODER,
+        "train_batch_size_slice": 8,
+        "log_every_n_iterations": 20,
+        **DEMO_AUTOENCODER,
     }
+    # the perceptual term (a ResNet50 on every slice) would cost most of the step on a CPU; the demo drops it
     _step(
-        "[1/4] train the autoencoder (VAE-GAN)",
+        "[1/4] train the autoencoder (VAE-GAN, without the perceptual term)",
         bundle,
         ["train_autoencoder.json"],
-        {**common, "max_epochs": 30, "val_interval": 10, "discriminator_def#channels": 16, "lr": 5e-4},
+        {**common, "max_epochs": BRATS_AE_EPOCHS, "val_interval": BRATS_AE_EPOCHS, "discriminator_def#channels": 16, "lr": 1e-3, "perceptual_weight": 0.0},
     )
     autoencoder = root / "runs/train_autoencoder/model_autoencoder.pt"
     _step(
         "[2/4] train the latent diffusion model",
         bundle,
         ["train_autoencoder.json", "train_diffusion.json"],
-        {**common, **BRATS_SMALL_DIFFUSION, "max_epochs": 150, "lr": 1e-3, "load_autoencoder_path": str(autoencoder)},
+        {**common, **DEMO_DIFFUSION, "max_epochs": BRATS_DIFFUSION_EPOCHS, "lr": 2e-3, "load_autoencoder_path": str(autoencoder)},
     )
     samples_dir = root / "samples"
     _step(
@@ -108,14 +118,15 @@ def run_brats_demo(output_dir: Path) -> dict:
         {
             "bundle_root": str(root),
             "output_dir": str(samples_dir),
+            "overwrite": True,
             "load_autoencoder_path": str(autoencoder),
             "load_diffusion_path": str(root / "runs/train_diffusion/model.pt"),
-            "latent_shape": [1, BRATS_PATCH // 4, BRATS_PATCH // 4],
-            "num_output_samples": 4,
+            "latent_shape": [1, DEMO_PATCH // 4, DEMO_PATCH // 4],
+            "num_output_samples": 6,
             "num_inference_steps": 50,
             "random_seed": 0,
-            **BRATS_SMALL_AUTOENCODER,
-            **BRATS_SMALL_DIFFUSION,
+            **DEMO_AUTOENCODER,
+            **DEMO_DIFFUSION,
         },
     )
     reconstruction_dir = root / "reconstruction"
@@ -127,18 +138,20 @@ def run_brats_demo(output_dir: Path) -> dict:
             "bundle_root": str(root),
             "dataset_dir": str(data_dir),
             "output_dir": str(reconstruction_dir),
+            "overwrite": True,
             "load_autoencoder_path": str(autoencoder),
             "val_frac": 0.25,
             "num_workers": 0,
-            "infer_patch_size": [BRATS_PATCH, BRATS_PATCH],
-            "num_slices_per_volume": 12,
-            **BRATS_SMALL_AUTOENCODER,
+            "infer_patch_size": [DEMO_PATCH, DEMO_PATCH],
+            "num_slices_per_volume": 16,
+            **DEMO_AUTOENCODER,
         },
     )
-    samples = json.loads((samples_dir / "inference_report.json").read_text())["samples"]
+    samples = [s["png"] for s in json.loads((samples_dir / "inference_report.json").read_text())["samples"]]
     reconstruction = json.loads((reconstruction_dir / "reconstruction_report.json").read_text())["mean"]
     return {
-        "samples": [s["png"] for s in samples],
+        "preview": str(brats_preview(data_dir, samples, root / "preview_training_vs_samples.png")),
+        "samples": samples,
         "tensorboard": str(root / "runs"),
         "reconstruction_psnr": round(reconstruction["psnr"], 2),
         "reconstruction_ssim": round(reconstruction["ssim"], 3),

@@ -23,17 +23,27 @@ BRATS_TASK = "Task01_BrainTumour"
 BRATS_CHANNELS = ("FLAIR", "T1w", "t1gd", "T2w")
 
 
+def _soft_inside(radius: np.ndarray, edge: float = 0.06) -> np.ndarray:
+    """1 inside the unit level set of ``radius``, 0 outside, with a smooth edge of about ``edge``."""
+    return 1.0 / (1.0 + np.exp(np.clip((radius - 1.0) / edge, -50.0, 50.0)))
+
+
 def _brain_volume(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """One synthetic brain: a smooth ellipsoid with a brighter cortex rim, a bright lesion and mild noise."""
+    """
+    One synthetic brain, simple enough for a tiny model to learn in a minute: a uniform ellipsoid with a
+    soft edge, a darker central "ventricle" ellipsoid, one bright round lesion inside, and mild noise.
+    The ellipsoid is long along the last (axial) axis, so most axial slices cut through it.
+    """
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij")
-    radii = rng.uniform(0.65, 0.85, size=3)
-    radius = np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, radii)))
-    brain = np.clip(1.0 - radius, 0.0, None) ** 0.3 * (radius < 1.0)
-    rim = np.exp(-(((radius - 0.85) / 0.06) ** 2)) * (radius < 1.0)
-    centre = rng.uniform(-0.35, 0.35, size=3)
-    lesion = np.exp(-sum((g - c) ** 2 for g, c in zip(grid, centre)) / rng.uniform(0.01, 0.04))
-    volume = 300.0 * brain + 150.0 * rim + 400.0 * lesion * (radius < 1.0)
-    volume += rng.normal(0.0, 5.0, size=volume.shape) * (radius < 1.0)
+    radii = (*rng.uniform(0.6, 0.85, size=2), rng.uniform(1.1, 1.4))
+    brain = _soft_inside(np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, radii))))
+    ventricle_radii = (radii[0] * 0.3, radii[1] * 0.45, radii[2] * 0.5)
+    ventricle = _soft_inside(np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, ventricle_radii))))
+    centre = (*rng.uniform(-0.35, 0.35, size=2) * np.array(radii[:2]), rng.uniform(-0.5, 0.5))
+    lesion_radius = rng.uniform(0.15, 0.25)
+    lesion = _soft_inside(np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) / lesion_radius, edge=0.1)
+    volume = brain * (300.0 - 150.0 * ventricle + 500.0 * lesion)
+    volume += rng.normal(0.0, 3.0, size=volume.shape) * brain
     return np.clip(volume, 0.0, None).astype(np.float32)
 
 

@@ -15,7 +15,15 @@ from demo.runner import BUNDLES_DIR, REPO_ROOT, run_bundle
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
-__all__ = ["BUNDLES_DIR", "REPO_ROOT", "bundle_scripts", "parse_bundle_config", "run_bundle", "run_in_process"]
+__all__ = [
+    "BUNDLES_DIR",
+    "REPO_ROOT",
+    "bundle_scripts",
+    "error_chain",
+    "parse_bundle_config",
+    "run_bundle",
+    "run_in_process",
+]
 
 
 @contextlib.contextmanager
@@ -65,3 +73,12 @@ def run_in_process(bundle_dir: Path, config_files: Sequence[str], overrides: Map
         for section in ("initialize", "run", "finalize"):
             parser.get_parsed_content(section)
     return parser
+
+
+def error_chain(error: BaseException) -> str:
+    """The messages of ``error`` and of every exception it was raised from, one per line."""
+    messages = []
+    while error is not None:
+        messages.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)

@@ -1,9 +1,17 @@
-"""End-to-end tests of the brats_ldm2d bundle: train autoencoder -> train diffusion -> sample -> reconstruct."""
+"""End-to-end tests of the brats_ldm2d bundle: train autoencoder -> train diffusion -> sample -> reconstruct.
+
+The configs run in-process through ``monai.bundle.ConfigWorkflow`` (``run_in_process``); the command line itself
+is exercised by ``test_brats_ldm2d_package.py`` (``python -m monai.bundle run`` from the installed zip) and by
+the ``torchrun`` tests here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
+from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -12,17 +20,47 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bundle_helpers import BUNDLES_DIR, run_bundle
+from bundle_helpers import BUNDLES_DIR, error_chain, run_bundle, run_in_process
 from demo.brats_presets import TINY_AUTOENCODER, TINY_DIFFUSION, TINY_DISCRIMINATOR
 from demo.synthetic import make_brats_like_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BUNDLE = BUNDLES_DIR / "brats_ldm2d"
 PATCH = 32
 SLICES_PER_VOLUME = 8
 NUM_VOLUMES = 6
 VAL_FRAC = 0.34  # 2 validation and 4 training volumes, so each of 2 ranks has a validation volume
+AE_CONFIGS = ["train_autoencoder.json"]
+DIFFUSION_CONFIGS = ["train_autoencoder.json", "train_diffusion.json"]
 
 LATENT_SHAPE = [1, PATCH // 4, PATCH // 4]
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[str]]:
+    """Collect every INFO+ log message of the block (what ``configs/logging.conf`` shows on the console)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    loggers = [logging.getLogger(), logging.getLogger("monai.handlers.StatsHandler")]  # the latter does not propagate
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def train(configs, overrides) -> str:
+    """Run a training config in-process; return its log."""
+    with captured_logs() as messages:
+        run_in_process(BUNDLE, configs, overrides)
+    return "\n".join(messages)
 
 
 def train_overrides(root, dataset_dir, epochs):
@@ -57,6 +95,13 @@ def inference_overrides(root, **extra):
     }
 
 
+def sample(root, **extra) -> dict:
+    """Run inference.json in-process; return its report."""
+    output_dir = root / extra.pop("output_dir")  # names are taken relative to the run folder
+    run_in_process(BUNDLE, ["inference.json"], inference_overrides(root, output_dir=str(output_dir), **extra))
+    return json.loads((output_dir / "inference_report.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("msd")
@@ -65,15 +110,15 @@ def dataset_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, dataset_dir):
+def trained(tmp_path_factory, dataset_dir, one_torch_thread):
     """Train the tiny autoencoder (2 epochs, then resumed to 3) and the tiny diffusion model (2 epochs)."""
     root = tmp_path_factory.mktemp("brats_run")
     logs = {}
-    logs["ae"] = run_bundle(BUNDLE, ["train_autoencoder.json"], train_overrides(root, dataset_dir, 2)).stdout
-    logs["ae_resumed"] = run_bundle(BUNDLE, ["train_autoencoder.json"], train_overrides(root, dataset_dir, 3)).stdout
+    logs["ae"] = train(AE_CONFIGS, train_overrides(root, dataset_dir, 2))
+    logs["ae_resumed"] = train(AE_CONFIGS, train_overrides(root, dataset_dir, 3))
     diffusion = {**train_overrides(root, dataset_dir, 2), **TINY_DIFFUSION}
     diffusion["load_autoencoder_path"] = str(root / "runs/train_autoencoder/model_autoencoder.pt")
-    logs["diffusion"] = run_bundle(BUNDLE, ["train_autoencoder.json", "train_diffusion.json"], diffusion).stdout
+    logs["diffusion"] = train(DIFFUSION_CONFIGS, diffusion)
     return root, logs
 
 
@@ -132,60 +177,98 @@ def test_diffusion_resume_reuses_stored_scale_factor(trained, dataset_dir):
     overrides = {**train_overrides(root, dataset_dir, 3), **TINY_DIFFUSION}
     overrides["load_autoencoder_path"] = str(root / "runs/train_autoencoder/model_autoencoder.pt")
     overrides["output_dir"] = str(root / "runs/train_diffusion_resume")
-    first = run_bundle(BUNDLE, ["train_autoencoder.json", "train_diffusion.json"], {**overrides, "max_epochs": 1})
-    assert "(computed from" in first.stdout
-    resumed = run_bundle(BUNDLE, ["train_autoencoder.json", "train_diffusion.json"], overrides)
-    assert "checkpoint_last.pt)" in resumed.stdout and "(computed from" not in resumed.stdout
+    first = train(DIFFUSION_CONFIGS, {**overrides, "max_epochs": 1})
+    assert "(computed from" in first
+    resumed = train(DIFFUSION_CONFIGS, overrides)
+    assert "checkpoint_last.pt)" in resumed and "(computed from" not in resumed
     checkpoint = torch.load(root / "runs/train_diffusion_resume/checkpoint_last.pt", weights_only=True)
     assert checkpoint["epoch"] == 3
 
 
-def test_sampling_outputs_and_determinism(trained, tmp_path):
+def test_sampling_outputs_and_determinism(trained):
     root, _ = trained
-    out_a, out_b, out_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run_bundle(BUNDLE, ["inference.json"], inference_overrides(root, output_dir=str(out_a), num_output_samples=2))
-    run_bundle(BUNDLE, ["inference.json"], inference_overrides(root, output_dir=str(out_b), num_output_samples=1))
-    run_bundle(BUNDLE, ["inference.json"], inference_overrides(root, output_dir=str(out_c), random_seed=7))
+    report = sample(root, output_dir="out_a", num_output_samples=2)
+    sample(root, output_dir="out_b", num_output_samples=1)
+    sample(root, output_dir="out_c", random_seed=7)
 
-    report = json.loads((out_a / "inference_report.json").read_text())
-    assert report["settings"]["num_inference_steps"] == 5 and report["settings"]["scheduler"] == "ddim"
+    settings = report["settings"]
+    assert settings["num_inference_steps"] == 5 and settings["scheduler"] == "ddim"
+    assert settings["num_output_samples"] == 2 and settings["latent_shape"] == LATENT_SHAPE
+    assert settings["world_size"] == 1 and settings["overwrite"] is False
+    assert 0.0 < settings["scale_factor"] < 100.0
     assert [s["seed"] for s in report["samples"]] == [0, 1]
     arrays = []
-    for sample in report["samples"]:
-        image = nib.load(sample["nifti"])
+    for record in report["samples"]:
+        image = nib.load(record["nifti"])
         data = image.get_fdata(dtype=np.float32)
         assert data.shape == (PATCH, PATCH, 1)
         assert image.get_data_dtype() == np.float32
         assert 0.0 <= data.min() and data.max() <= 1.0
+        assert record["min"] == pytest.approx(float(data.min())) and record["max"] == pytest.approx(float(data.max()))
+        assert record["seconds"] > 0
         np.testing.assert_allclose(image.affine, np.eye(4))
-        picture = np.asarray(Image.open(sample["png"]))
+        picture = np.asarray(Image.open(record["png"]))
         assert picture.shape == (PATCH, PATCH) and picture.dtype == np.uint8
         arrays.append(data)
     assert not np.array_equal(arrays[0], arrays[1]), "different seeds gave the same sample"
 
-    repeated = nib.load(out_b / "sample_0000_seed0.nii.gz").get_fdata(dtype=np.float32)
+    repeated = nib.load(root / "out_b/sample_0000_seed0.nii.gz").get_fdata(dtype=np.float32)
     np.testing.assert_array_equal(repeated, arrays[0])
-    other_seed = nib.load(out_c / "sample_0000_seed7.nii.gz").get_fdata(dtype=np.float32)
+    other_seed = nib.load(root / "out_c/sample_0000_seed7.nii.gz").get_fdata(dtype=np.float32)
     assert not np.array_equal(other_seed, arrays[0])
 
 
-def test_sampling_with_ddpm_scheduler(trained, tmp_path):
+def test_sampling_with_ddpm_scheduler(trained):
     root, _ = trained
-    run_bundle(
-        BUNDLE, ["inference.json"], inference_overrides(root, output_dir=str(tmp_path), scheduler="ddpm", num_inference_steps=3)
-    )
-    report = json.loads((tmp_path / "inference_report.json").read_text())
-    assert report["settings"]["scheduler"] == "ddpm"
+    report = sample(root, output_dir="out_ddpm", scheduler="ddpm", num_inference_steps=3)
+    assert report["settings"]["scheduler"] == "ddpm" and report["settings"]["num_inference_steps"] == 3
     data = nib.load(report["samples"][0]["nifti"]).get_fdata()
     assert data.shape == (PATCH, PATCH, 1) and np.isfinite(data).all()
 
 
-def test_reconstruction_report(trained, dataset_dir, tmp_path):
+def test_sampling_never_overwrites_an_earlier_run_silently(trained):
+    root, _ = trained
+    first = sample(root, output_dir="out_again", num_output_samples=1)
+    nifti = root / "out_again/sample_0000_seed0.nii.gz"
+    before = nifti.read_bytes()
+    with pytest.raises(Exception) as refused:
+        sample(root, output_dir="out_again", num_output_samples=1, random_seed=3)
+    message = error_chain(refused.value)
+    assert "FileExistsError: output_dir=" in message and "already holds an earlier run" in message
+    assert "--overwrite true" in message
+    assert nifti.read_bytes() == before and not (root / "out_again/sample_0000_seed3.nii.gz").exists()
+
+    second = sample(root, output_dir="out_again", num_output_samples=1, random_seed=3, overwrite=True)
+    assert second["settings"]["overwrite"] is True and [s["seed"] for s in second["samples"]] == [3]
+    assert first["samples"][0]["nifti"] != second["samples"][0]["nifti"]
+
+
+def test_multi_gpu_sampling_writes_the_same_bytes_as_one_process(trained, tmp_path):
+    """Samples split over 2 gloo ranks: byte-identical files to a 1-process run, one merged report."""
+    root, _ = trained
+    single = sample(root, output_dir=str(tmp_path / "single"), num_output_samples=3, random_seed=5)
+    overrides = inference_overrides(root, output_dir=str(tmp_path / "ranks"), num_output_samples=3, random_seed=5)
+    run_bundle(BUNDLE, ["inference.json", "multi_gpu_inference.json"], overrides, torchrun_procs=2)
+    merged = json.loads((tmp_path / "ranks/inference_report.json").read_text())
+
+    assert merged["settings"]["world_size"] == 2
+    assert [s["index"] for s in merged["samples"]] == [0, 1, 2] and [s["seed"] for s in merged["samples"]] == [5, 6, 7]
+    written = sorted(p.name for p in (tmp_path / "ranks").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
+    for record in single["samples"]:
+        image = nib.load(record["nifti"]).get_fdata()
+        assert 0.0 < image.std(), "a blank sample would make the byte comparison meaningless"
+        for key in ("nifti", "png"):
+            name = record[key].rsplit("/", 1)[-1]
+            assert (tmp_path / "ranks" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def test_reconstruction_report(trained, dataset_dir):
     root, _ = trained
     overrides = {
         "bundle_root": str(root),
         "dataset_dir": str(dataset_dir),
-        "output_dir": str(tmp_path),
+        "output_dir": str(root / "reconstruction"),
         "load_autoencoder_path": str(root / "runs/train_autoencoder/model_autoencoder.pt"),
         "val_frac": VAL_FRAC,
         "num_workers": 0,
@@ -194,8 +277,8 @@ def test_reconstruction_report(trained, dataset_dir, tmp_path):
         "num_worst_cases": 1,
         **TINY_AUTOENCODER,
     }
-    run_bundle(BUNDLE, ["inference_autoencoder.json"], overrides)
-    report = json.loads((tmp_path / "reconstruction_report.json").read_text())
+    run_in_process(BUNDLE, ["inference_autoencoder.json"], overrides)
+    report = json.loads((root / "reconstruction/reconstruction_report.json").read_text())
     assert len(report["cases"]) == report["num_cases"] == 2  # the MAISI reconstruction report format
     assert report["units"] == {"psnr": "dB", "ssim": "1", "mae": "intensity on [0, 1]"}
     for case in report["cases"]:
@@ -213,6 +296,10 @@ def test_reconstruction_report(trained, dataset_dir, tmp_path):
     with Image.open(report["worst_cases"][0]["preview"]) as preview:  # input | reconstruction | difference
         assert preview.size == (3 * PATCH + 2 * 4, PATCH)
     assert report["settings"]["load_autoencoder_path"] == overrides["load_autoencoder_path"]
+
+    with pytest.raises(Exception) as refused:
+        run_in_process(BUNDLE, ["inference_autoencoder.json"], overrides)
+    assert "output_dir=" in error_chain(refused.value) and "already holds an earlier run" in error_chain(refused.value)
 
 
 def test_multi_gpu_overlays_with_gloo(dataset_dir, tmp_path):

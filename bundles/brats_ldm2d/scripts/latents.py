@@ -8,100 +8,187 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Latent caching for diffusion training: encode every axial slice once, then sample latents per iteration."""
+"""
+Latents for diffusion training, encoded on demand and kept: each slice passes the encoder once per run.
+
+The data pipeline draws slices from the volumes as the model-zoo training does (``RandSliceSamplesd`` names
+each drawn slice), and the trainer's ``MemoLatentPrepareBatch`` looks the slices up in a ``LatentMemo``:
+slices seen before are not encoded again; new ones are encoded in one batch and kept (their latent mean
+and standard deviation, on the CPU). A training run thus encodes each slice at most once, and the first
+epoch encodes only the slices it draws, as the zoo's does; later epochs skip the encoder for every slice
+seen before.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import convert_to_tensor
-from tqdm import tqdm
+import torch.distributed as dist
+from monai.engines import DiffusionPrepareBatch
+from monai.transforms import MapTransform, Randomizable
+from monai.utils import first
 
 from .checkpoint import LAST_CHECKPOINT_NAME, unwrap_module
 
 logger = logging.getLogger(__name__)
 
-Z_MU = "z_mu"
-Z_SIGMA = "z_sigma"
+SLICE_ID = "slice_id"
 
 
-@torch.no_grad()
-def encode_volume_slices(
-    autoencoder: torch.nn.Module,
-    volumes: Iterable[Mapping[str, Any]],
-    device: torch.device | str,
-    batch_size: int,
-    image_key: str = "image",
-) -> list[dict[str, torch.Tensor]]:
+class RandSliceSamplesd(Randomizable, MapTransform):
     """
-    Encode every axial slice of every volume once and keep the latent distribution of each slice.
+    Draw ``num_samples`` axial slices of a (C, H, W, D) volume: one ``{key: (C, H, W), "slice_id": ...}`` per slice.
 
-    Training then draws ``z = z_mu + z_sigma * eps`` per iteration (``SampleLatentd``), which is the
-    distribution the autoencoder's ``encode_stage_2_inputs`` samples from, without running the encoder
-    in the training loop.
+    The slices of one draw are distinct when the volume has enough of them (otherwise drawn with replacement).
+    ``slice_id`` is ``"<source file>:<index>"``, which names the slice for ``LatentMemo``; it needs the
+    volume's ``filename_or_obj`` metadata (``LoadImaged`` sets it).
+
+    Parameters
+    ----------
+    keys
+        key of the volume (one key).
+    num_samples
+        slices drawn per volume (config id ``train_batch_size_slice``).
+    """
+
+    def __init__(self, keys: Hashable | Sequence[Hashable], num_samples: int) -> None:
+        MapTransform.__init__(self, keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"RandSliceSamplesd takes one key, got {list(self.keys)}.")
+        if num_samples < 1:
+            raise ValueError(f"train_batch_size_slice={num_samples} is not allowed; it must be an integer >= 1.")
+        self.num_samples = num_samples
+
+    def randomize(self, num_slices: int) -> np.ndarray:
+        """Pick the slice indices of one draw."""
+        replace = num_slices < self.num_samples
+        return self.R.choice(num_slices, size=self.num_samples, replace=replace)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        key = self.keys[0]
+        volume = data[key]
+        source = getattr(volume, "meta", {}).get("filename_or_obj")
+        if not source:
+            raise ValueError(f"the '{key}' volume has no 'filename_or_obj' metadata to name its slices by.")
+        return [{key: volume[..., int(z)], SLICE_ID: f"{source}:{int(z)}"} for z in self.randomize(volume.shape[-1])]
+
+
+class LatentMemo:
+    """
+    The latent distributions of the slices encoded so far, by slice id; encodes only the slices it lacks.
 
     Parameters
     ----------
     autoencoder
-        a ``monai.networks.nets.AutoencoderKL`` (DDP wrappers are unwrapped).
-    volumes
-        items (or batches) with ``image_key`` holding tensors of shape (C, H, W, D) or (B, C, H, W, D).
+        the frozen ``AutoencoderKL`` (a DDP wrapper is unwrapped).
     device
         device the encoder runs on.
     batch_size
-        number of slices encoded at once.
-    image_key
-        key of the image in each item.
-
-    Returns
-    -------
-    list[dict[str, torch.Tensor]]
-        One ``{"z_mu": (C, h, w), "z_sigma": (C, h, w)}`` dict per slice, on the CPU.
+        slices encoded per forward pass (config id ``encode_batch_size``).
     """
-    encoder = unwrap_module(autoencoder).eval()
-    cache: list[dict[str, torch.Tensor]] = []
-    for item in tqdm(volumes, desc="encoding slices", unit="volume", disable=None):
-        volume = convert_to_tensor(item[image_key], track_meta=False)
-        volume = volume if volume.ndim == 5 else volume[None]
-        slices = volume.permute(0, 4, 1, 2, 3).flatten(0, 1)  # (B*D, C, H, W)
-        for start in range(0, slices.shape[0], batch_size):
-            z_mu, z_sigma = encoder.encode(slices[start : start + batch_size].to(device).float())
-            cache.extend({Z_MU: mu.cpu(), Z_SIGMA: sigma.cpu()} for mu, sigma in zip(z_mu, z_sigma))
-    if not cache:
-        raise ValueError("no slices to encode: the training data loader yielded no volumes.")
-    logger.info("cached the latent distributions of %d slices", len(cache))
-    return cache
+
+    def __init__(self, autoencoder: torch.nn.Module, device: torch.device | str, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"encode_batch_size={batch_size} is not allowed; it must be an integer >= 1.")
+        self.autoencoder = autoencoder
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoded = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @torch.no_grad()  # not inference_mode: the kept latents become UNet inputs that autograd must be able to save
+    def _encode(self, images: torch.Tensor, keys: Sequence[str]) -> None:
+        encoder = unwrap_module(self.autoencoder).eval()
+        for start in range(0, len(keys), self.batch_size):
+            chunk = images[start : start + self.batch_size].to(self.device).float()
+            z_mu, z_sigma = encoder.encode(chunk)
+            for key, mu, sigma in zip(keys[start : start + self.batch_size], z_mu.cpu(), z_sigma.cpu()):
+                self.entries[key] = (mu, sigma)
+        self.encoded += len(keys)
+
+    def __call__(self, images: torch.Tensor, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Return ``(z_mu, z_sigma)`` of a batch of slices (B, C, H, W) named by ``keys``, on the CPU.
+
+        Slices not seen before are encoded (each once, also when a key repeats within the batch).
+        """
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"{len(keys)} slice ids for {images.shape[0]} slices.")
+        missing: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            if key not in self.entries:
+                missing.setdefault(key, index)
+        if missing:
+            self._encode(images[list(missing.values())], list(missing))
+        return torch.stack([self.entries[key][0] for key in keys]), torch.stack([self.entries[key][1] for key in keys])
 
 
-def compute_scale_factor(latent_cache: list[Mapping[str, torch.Tensor]], seed: int = 0) -> float:
+class MemoLatentPrepareBatch(DiffusionPrepareBatch):
     """
-    Return ``1 / std(z)`` over latents drawn once from every cached slice (deterministic for a given ``seed``).
+    ``DiffusionPrepareBatch`` on latents: the batch's slices are replaced by ``scale_factor * (z_mu + z_sigma * eps)``.
+
+    ``(z_mu, z_sigma)`` come from ``memo`` (encoded on first sight), so the draw is the distribution that
+    ``AutoencoderKL.encode_stage_2_inputs`` samples from, without running the encoder for slices seen before.
+
+    Parameters
+    ----------
+    memo
+        the run's ``LatentMemo``.
+    scale_factor
+        the latent scale factor.
+    num_train_timesteps
+        timesteps are drawn from ``[0, num_train_timesteps)``.
+    """
+
+    def __init__(self, memo: LatentMemo, scale_factor: float, num_train_timesteps: int) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps)
+        self.memo = memo
+        self.scale_factor = float(scale_factor)
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> Any:
+        z_mu, z_sigma = self.memo(torch.as_tensor(batchdata["image"]), list(batchdata[SLICE_ID]))
+        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor
+        return super().__call__({"image": latents}, device, non_blocking, **kwargs)
+
+
+def compute_scale_factor(z_mu: torch.Tensor, z_sigma: torch.Tensor, seed: int = 0) -> float:
+    """
+    Return ``1 / std(z)`` of latents drawn once from ``N(z_mu, z_sigma^2)`` (deterministic for a given ``seed``).
 
     Multiplying latents by this factor gives them unit variance, as in Rombach et al. (2022).
     """
     generator = torch.Generator().manual_seed(seed)
-    samples = [item[Z_MU] + item[Z_SIGMA] * torch.randn(item[Z_MU].shape, generator=generator) for item in latent_cache]
-    std = torch.stack(samples).float().std().item()
+    samples = z_mu + z_sigma * torch.randn(z_mu.shape, generator=generator, dtype=z_mu.dtype)
+    std = samples.float().std().item()
     if not std > 0:
         raise ValueError(f"cannot compute the latent scale factor: the latents have standard deviation {std}.")
     return 1.0 / std
 
 
 def resolve_scale_factor(
-    latent_cache: list[Mapping[str, torch.Tensor]], ckpt_dir: str | os.PathLike, pretrained_scale_factor: float | None = None
+    ckpt_dir: str | os.PathLike,
+    pretrained_scale_factor: float | None,
+    memo: LatentMemo,
+    loader: Any,
 ) -> float:
     """
-    Compute the latent scale factor once per model.
+    Fix the latent scale factor once per model.
 
     The factor stored in ``<ckpt_dir>/checkpoint_last.pt`` wins when resuming; then the factor of the
-    checkpoint being fine-tuned (``pretrained_scale_factor``); only a fresh training computes it from
-    ``latent_cache``.
+    checkpoint being fine-tuned (``pretrained_scale_factor``); only a fresh training computes it, from the
+    first batch of ``loader`` (encoded into ``memo``, so those slices are not encoded again), as the
+    model-zoo training does. Under ``torch.distributed`` rank 0's factor is used by every rank.
     """
     checkpoint_file = Path(ckpt_dir) / LAST_CHECKPOINT_NAME
     if checkpoint_file.is_file():
@@ -113,31 +200,11 @@ def resolve_scale_factor(
     if pretrained_scale_factor is not None:
         logger.info("latent scale factor %.6f (from the fine-tuned checkpoint)", pretrained_scale_factor)
         return float(pretrained_scale_factor)
-    scale_factor = compute_scale_factor(latent_cache)
-    logger.info("latent scale factor %.6f (computed from %d slices)", scale_factor, len(latent_cache))
+    batch = first(loader)
+    scale_factor = compute_scale_factor(*memo(torch.as_tensor(batch["image"]), list(batch[SLICE_ID])))
+    if dist.is_available() and dist.is_initialized():
+        shared = [scale_factor]
+        dist.broadcast_object_list(shared, src=0)
+        scale_factor = float(shared[0])
+    logger.info("latent scale factor %.6f (computed from %d slices)", scale_factor, len(batch[SLICE_ID]))
     return scale_factor
-
-
-class SampleLatentd(MapTransform, RandomizableTransform):
-    """
-    Draw ``scale_factor * (z_mu + z_sigma * eps)`` from a cached slice and store it under ``output_key``.
-
-    Parameters
-    ----------
-    scale_factor
-        the latent scale factor.
-    output_key
-        key of the sampled latent (the trainer reads ``image``).
-    """
-
-    def __init__(self, scale_factor: float, output_key: Hashable = "image") -> None:
-        MapTransform.__init__(self, keys=[Z_MU, Z_SIGMA])
-        RandomizableTransform.__init__(self, prob=1.0)
-        self.scale_factor = float(scale_factor)
-        self.output_key = output_key
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        generator = torch.Generator().manual_seed(int(self.R.randint(0, 2**31 - 1)))
-        z_mu, z_sigma = data[Z_MU], data[Z_SIGMA]
-        eps = torch.randn(z_mu.shape, generator=generator, dtype=z_mu.dtype)
-        return {self.output_key: (z_mu + z_sigma * eps) * self.scale_factor}

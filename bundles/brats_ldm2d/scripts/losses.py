@@ -104,6 +104,13 @@ def build_perceptual_loss(
         raise ValueError(f"spatial_dims={spatial_dims} is not allowed; the perceptual loss supports 2 or 3.")
     if not 0.0 < fake_3d_ratio <= 1.0:
         raise ValueError(f"fake_3d_ratio={fake_3d_ratio} is not allowed; it must lie in (0, 1].")
+    # MONAI builds the network (pretrained=False: no download); the weights are loaded below rather than
+    # through PerceptualLoss(pretrained_path=...), because MONAI 1.6.1 loads that file with
+    # torch.load(path, weights_only=True) without map_location (weights saved from a GPU do not load on a
+    # CPU-only machine), indexes it with pretrained_state_dict_key unconditionally (a plain state dict then
+    # raises a bare KeyError) and loads the classifier head strictly (a feature-only ResNet50 state dict
+    # is refused); its errors do not name the config id. tests/test_brats_ldm2d_units.py shows the
+    # difference on a plain and a head-free state dict.
     loss = PerceptualLoss(
         spatial_dims=spatial_dims,
         network_type="resnet50",

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.engines import AdversarialTrainer
-from monai.utils import AdversarialKeys, CommonKeys
+from monai.engines import AdversarialTrainer, IterationEvents
+from monai.utils import AdversarialIterationEvents, AdversarialKeys, CommonKeys
 
 from .checkpoint import unwrap_module
 from .losses import kl_divergence
@@ -39,6 +39,18 @@ class VAEGANTrainer(AdversarialTrainer):
     2. discriminator step: ``adv_weight * d_loss_function(real_logits, fake_logits)`` on the detached
        reconstruction.
 
+    The losses and gradients are those of the model-zoo ``VaeGanTrainer`` (which also computes discriminator
+    weight gradients in step 1 and then discards them).
+
+    Events: like ``SupervisedTrainer``, the iteration fires MONAI's ``IterationEvents`` for the generator
+    (``state.g_network``), which plays the part of ``SupervisedTrainer``'s network:
+    ``FORWARD_COMPLETED`` after the autoencoder forward, ``LOSS_COMPLETED`` once the generator loss is
+    complete (``state.output["loss"]``), ``BACKWARD_COMPLETED`` after its backward and before its optimizer
+    step (where gradient clipping or AMP-scaler hooks act), and ``MODEL_COMPLETED`` at the end of the
+    iteration, after both updates. It also fires ``AdversarialIterationEvents`` at the points where
+    ``AdversarialTrainer`` fires them, so handlers written for either trainer run. ``state.output`` is
+    the same dict throughout the iteration, filled as the values become available.
+
     The discriminator is expected to return a list of feature maps whose last entry is the logits
     (``monai.networks.nets.PatchDiscriminator``). ``g_loss_function(fake_logits)`` and
     ``d_loss_function(real_logits, fake_logits)`` are the adversarial terms (see ``scripts.losses``).
@@ -56,7 +68,9 @@ class VAEGANTrainer(AdversarialTrainer):
         weight of the adversarial terms; 0 disables both the generator's adversarial term and
         the discriminator update.
     kwargs
-        the arguments of ``monai.engines.AdversarialTrainer``.
+        the arguments of ``monai.engines.AdversarialTrainer``. ``decollate`` defaults to ``False`` here:
+        the logging handlers read the loss terms from the output dict (``loss_terms``), and a decollated
+        output (a list of per-slice dicts) would only repeat the batch's scalar losses per slice.
     """
 
     def __init__(
@@ -67,6 +81,7 @@ class VAEGANTrainer(AdversarialTrainer):
         adv_weight: float,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("decollate", False)
         super().__init__(**kwargs)
         self.kl_weight = kl_weight
         self.perceptual_loss = perceptual_loss
@@ -77,14 +92,53 @@ class VAEGANTrainer(AdversarialTrainer):
         device_type = torch.device(self.state.device).type
         return torch.autocast(device_type=device_type, enabled=self.amp, **self.amp_kwargs)
 
-    def _backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-        if scaler is not None:
-            scaler.scale(loss).backward()
+    def _fire(self, *events: Any) -> None:
+        for event in events:
+            self.fire_event(event)
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, scaler: Any) -> None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    @staticmethod
+    def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        if scaler is None:
+            optimizer.step()
+        else:
             scaler.step(optimizer)
             scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+
+    def _generator_loss(self, inputs: torch.Tensor, targets: torch.Tensor, output: dict) -> torch.Tensor:
+        """Forward the autoencoder and compute the generator loss, filling ``output`` (events fired on the way)."""
+        state = self.state
+        reconstruction, z_mu, z_sigma = state.g_network(inputs)
+        output.update({AdversarialKeys.FAKES: reconstruction, CommonKeys.PRED: reconstruction})
+        self._fire(IterationEvents.FORWARD_COMPLETED, AdversarialIterationEvents.GENERATOR_FORWARD_COMPLETED)
+        recon_loss = state.recon_loss_function(reconstruction.float(), targets.float()).mean()
+        output[AdversarialKeys.RECONSTRUCTION_LOSS] = recon_loss.detach()
+        self.fire_event(AdversarialIterationEvents.RECONSTRUCTION_LOSS_COMPLETED)
+        kl_loss = kl_divergence(z_mu, z_sigma)
+        loss = recon_loss + self.kl_weight * kl_loss
+        perceptual = torch.zeros((), device=inputs.device)
+        if self.perceptual_loss is not None and self.perceptual_weight > 0:
+            perceptual = self.perceptual_loss(reconstruction.float(), targets.float())
+            loss = loss + self.perceptual_weight * perceptual
+        generator_adv = torch.zeros((), device=inputs.device)
+        if self.adv_weight > 0:
+            fake_logits = unwrap_module(state.d_network)(reconstruction.float().contiguous())[-1]
+            self.fire_event(AdversarialIterationEvents.GENERATOR_DISCRIMINATOR_FORWARD_COMPLETED)
+            generator_adv = state.g_loss_function(fake_logits)
+            loss = loss + self.adv_weight * generator_adv
+        output.update(
+            {
+                KL_LOSS: kl_loss.detach(),
+                PERCEPTUAL_LOSS: perceptual.detach(),
+                AdversarialKeys.GENERATOR_LOSS: generator_adv.detach(),
+                CommonKeys.LOSS: loss.detach(),
+            }
+        )
+        self._fire(IterationEvents.LOSS_COMPLETED, AdversarialIterationEvents.GENERATOR_LOSS_COMPLETED)
+        return loss
 
     def _generator_step(self, inputs: torch.Tensor, targets: torch.Tensor, output: dict) -> torch.Tensor:
         state = self.state
@@ -94,33 +148,14 @@ class VAEGANTrainer(AdversarialTrainer):
         discriminator.requires_grad_(False)
         try:
             with self._autocast():
-                reconstruction, z_mu, z_sigma = state.g_network(inputs)
-                recon_loss = state.recon_loss_function(reconstruction.float(), targets.float()).mean()
-                kl_loss = kl_divergence(z_mu, z_sigma)
-                loss = recon_loss + self.kl_weight * kl_loss
-                perceptual = torch.zeros((), device=inputs.device)
-                if self.perceptual_loss is not None and self.perceptual_weight > 0:
-                    perceptual = self.perceptual_loss(reconstruction.float(), targets.float())
-                    loss = loss + self.perceptual_weight * perceptual
-                generator_adv = torch.zeros((), device=inputs.device)
-                if self.adv_weight > 0:
-                    generator_adv = state.g_loss_function(discriminator(reconstruction.float().contiguous())[-1])
-                    loss = loss + self.adv_weight * generator_adv
-            self._backward_step(loss, state.g_optimizer, state.g_scaler)
+                loss = self._generator_loss(inputs, targets, output)
+            self._backward(loss, state.g_scaler)
         finally:
             discriminator.requires_grad_(True)
-        output.update(
-            {
-                AdversarialKeys.FAKES: reconstruction,
-                CommonKeys.PRED: reconstruction,
-                AdversarialKeys.RECONSTRUCTION_LOSS: recon_loss.detach(),
-                KL_LOSS: kl_loss.detach(),
-                PERCEPTUAL_LOSS: perceptual.detach(),
-                AdversarialKeys.GENERATOR_LOSS: generator_adv.detach(),
-                CommonKeys.LOSS: loss.detach(),
-            }
-        )
-        return reconstruction
+        self._fire(IterationEvents.BACKWARD_COMPLETED, AdversarialIterationEvents.GENERATOR_BACKWARD_COMPLETED)
+        self._optimizer_step(state.g_optimizer, state.g_scaler)
+        self.fire_event(AdversarialIterationEvents.GENERATOR_MODEL_COMPLETED)
+        return output[AdversarialKeys.FAKES]
 
     def _discriminator_step(self, inputs: torch.Tensor, reconstruction: torch.Tensor, output: dict) -> None:
         state = self.state
@@ -131,9 +166,10 @@ class VAEGANTrainer(AdversarialTrainer):
         state.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         with self._autocast():
             fake_logits = state.d_network(reconstruction.detach().float().contiguous())[-1]
+            self.fire_event(AdversarialIterationEvents.DISCRIMINATOR_FAKES_FORWARD_COMPLETED)
             real_logits = state.d_network(inputs.float().contiguous())[-1]
+            self.fire_event(AdversarialIterationEvents.DISCRIMINATOR_REALS_FORWARD_COMPLETED)
             d_loss = self.adv_weight * state.d_loss_function(real_logits, fake_logits)
-        self._backward_step(d_loss, state.d_optimizer, state.d_scaler)
         output.update(
             {
                 AdversarialKeys.REAL_LOGITS: real_logits.detach(),
@@ -141,6 +177,11 @@ class VAEGANTrainer(AdversarialTrainer):
                 AdversarialKeys.DISCRIMINATOR_LOSS: d_loss.detach(),
             }
         )
+        self.fire_event(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED)
+        self._backward(d_loss, state.d_scaler)
+        self.fire_event(AdversarialIterationEvents.DISCRIMINATOR_BACKWARD_COMPLETED)
+        self._optimizer_step(state.d_optimizer, state.d_scaler)
+        self.fire_event(AdversarialIterationEvents.DISCRIMINATOR_MODEL_COMPLETED)
 
     def _iteration(self, engine: VAEGANTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Run one generator step and one discriminator step on ``batchdata``."""
@@ -150,14 +191,22 @@ class VAEGANTrainer(AdversarialTrainer):
         inputs = batch[0]
         targets = inputs if batch[1] is None else batch[1]
         output: dict[str, Any] = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: targets, AdversarialKeys.REALS: inputs}
+        engine.state.output = output
         reconstruction = engine._generator_step(inputs, targets, output)
         engine._discriminator_step(inputs, reconstruction, output)
-        engine.state.output = output
-        return output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
 
-def loss_terms(output: dict[str, Any]) -> dict[str, float]:
-    """Pick the scalar loss terms of an engine output for logging (VAE-GAN and diffusion trainers alike)."""
+def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """
+    Pick the scalar loss terms of an engine output for logging (VAE-GAN and diffusion trainers alike).
+
+    A decollated output (a list of per-item dicts, ``decollate=True``) repeats the batch's losses in every
+    item; the first item's are taken.
+    """
+    if isinstance(output, Sequence):
+        output = output[0]
     names = (
         CommonKeys.LOSS,
         AdversarialKeys.RECONSTRUCTION_LOSS,
