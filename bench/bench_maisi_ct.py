@@ -517,12 +517,33 @@ def decode_run(args: argparse.Namespace, run: str, direct_file: Path) -> dict[st
 
 
 def memory_step_run(args: argparse.Namespace) -> dict[str, Any]:
-    """Body of one memory subprocess: peak RSS of one ControlNet + UNet step with memory-efficient attention."""
+    """
+    Body of one memory subprocess, memory-efficient attention on: peak RSS and time of the ControlNet forward,
+    of the UNet forward (with the ControlNet's residuals held), and of the whole step (``sampler.predict``).
+    """
     pair = PairNetworks(args)
     pair.attention(True)
-    _, measured = _timed_peak(pair.forward)
-    return {"latent": list(args.latent), "latent_voxels": math.prod(args.latent), **measured,
-            "parameters": pair.parameters}
+    conditions = pair.conditions
+
+    def controlnet() -> Any:
+        with torch.no_grad():
+            return pair.controlnet(x=pair.noise, timesteps=pair.timesteps, controlnet_cond=conditions.controlnet_cond,
+                                   class_labels=conditions.class_labels)
+
+    residuals = controlnet()
+
+    def unet() -> torch.Tensor:
+        with torch.no_grad():
+            return pair.unet(x=pair.noise, timesteps=pair.timesteps, class_labels=conditions.class_labels,
+                             spacing_tensor=conditions.spacing, down_block_additional_residuals=residuals[0],
+                             mid_block_additional_residual=residuals[1])
+
+    _, unet_measured = _timed_peak(unet)
+    del residuals
+    _, controlnet_measured = _timed_peak(controlnet)
+    _, step_measured = _timed_peak(pair.forward)
+    return {"latent": list(args.latent), "latent_voxels": math.prod(args.latent), **step_measured,
+            "unet": unet_measured, "controlnet": controlnet_measured, "parameters": pair.parameters}
 
 
 def memory_tile_run(args: argparse.Namespace) -> dict[str, Any]:

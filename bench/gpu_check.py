@@ -168,6 +168,8 @@ def pair_generation(size: tuple[int, int, int], device: torch.device, args: argp
     overrides = {**tiny, **weights, "device": device, "output_size": list(size), "spacing": list(spacing),
                  "mask_path": str(mask), "output_dir": str(output), "num_inference_steps": args.steps,
                  "quality_check_max_attempts": 1, "progress": False}
+    if args.tiny:
+        overrides["memory_budget_gb"] = 1000.0  # the planner's models are the full-size decoder's: decode whole
     parser = parser_for(overrides)
     reset_peak(device)
     start = time.perf_counter()

@@ -216,9 +216,9 @@ def test_automatic_plan_shrinks_monotonically_with_the_budget(decode):
     budgets = [1000, 400, 160, 80, 45, 32, 24, 16, 8, 4, 2]
     for device in (CPU, CUDA):
         # halo tiles (the default): smaller windows and more decoded voxels (halos) as the budget shrinks
-        plans = [decode.plan_decode((4, 128, 128, 128), device, memory_budget_gb=b) for b in budgets]
+        plans = [decode.plan_decode((4, 64, 64, 64), device, memory_budget_gb=b) for b in budgets[:-1]]
         assert plans[0].kind == "whole" and plans[-1].kind == "halo"
-        windows = [128**3 if p.kind == "whole" else _window_voxels(decode, p) for p in plans]
+        windows = [64**3 if p.kind == "whole" else _window_voxels(decode, p) for p in plans]
         decoded = [p.decoded_voxels for p in plans]
         assert windows == sorted(windows, reverse=True) and decoded == sorted(decoded), (device, windows, decoded)
         for plan in plans:
@@ -234,9 +234,16 @@ def test_automatic_plan_shrinks_monotonically_with_the_budget(decode):
             assert plan.estimated_peak_gb <= 0.85 * plan.budget_gb + 1e-9 or plan.roi_size == (16, 16, 16)
 
 
-def _window_voxels(decode, plan) -> int:
+def _window_voxels(decode, plan, spatial=(64, 64, 64)) -> int:
     """Latent voxels of the largest window of a halo plan's last stage."""
-    return max(math.prod(t.window_shape) for t in decode.halo_tiles((128, 128, 128), plan.halo_core, plan.halo))
+    return max(math.prod(t.window_shape) for t in decode.halo_tiles(spatial, plan.halo_core, plan.halo))
+
+
+def test_sliding_windows_where_the_halo_plans_stored_map_does_not_fit(decode):
+    # a 512^3 image on 8 GB of host RAM: the half-resolution map a halo decode keeps is 8.6 GB
+    plan = decode.plan_decode((4, 128, 128, 128), CPU, memory_budget_gb=8)
+    assert plan.kind == "sliding-window" and plan.estimated_peak_gb <= 0.85 * 8
+    assert decode.plan_decode((4, 128, 128, 128), CPU, memory_budget_gb=24).kind == "halo"
 
 
 def test_automatic_plan_raises_splits_before_shrinking_the_roi(decode):
@@ -284,7 +291,7 @@ def test_cuda_model_agrees_with_the_published_a100_runs(decode):
 
 def test_cpu_stitching_for_huge_outputs(decode):
     huge = decode.plan_decode((4, 512, 512, 512), CUDA, memory_budget_gb=80)  # a 2048^3 image: 34 GB
-    assert huge.stitch_device == CPU and huge.kind == "halo"
+    assert huge.stitch_device == CPU and huge.kind == "sliding-window"  # a halo decode would keep 550 GB
     assert decode.plan_decode((4, 512, 512, 512), CUDA, memory_budget_gb=80, halo=None).stitch_device == CPU
     small = decode.plan_decode((4, 64, 64, 64), CUDA, memory_budget_gb=80)
     assert small.stitch_device == CUDA and small.roi_size is None
@@ -455,8 +462,8 @@ def test_planned_stitch_buffers_equal_the_allocated_ones(decode, mask_autoencode
     assert sliding.estimated_peak_gb - one_channel.estimated_peak_gb == pytest.approx(
         (124 * 4 * image_voxels + 124 * 4 * 64 * 8 * 8 * 8) / 1e9  # the stitch buffers and the decoded tile
     )
-    halo = decode.plan_decode(z.shape, CPU, out_channels=125, memory_budget_gb=0.5,
-                              memory_model=decode.DecoderMemoryModel("test", ((1, 2e6),), 0.0))
+    halo = decode.plan_decode(z.shape, CPU, out_channels=125, memory_budget_gb=0.8,
+                              memory_model=decode.DecoderMemoryModel("test", ((1, 1e6),), 0.0))
     assert halo.kind == "halo" and halo.stitch_gb * 1e9 == 125 * 4 * image_voxels
     assert decode.decode_latent(decoder, z, halo, progress=False).numel() * 4 == round(halo.stitch_gb * 1e9)
 
@@ -556,3 +563,13 @@ def test_halo_tiles_partition_the_latent(decode):
         for core, window, size, halo in zip(tile.core, tile.window, (10, 7, 3), (2, 1, 0)):
             assert window.start == max(core.start - halo, 0) and window.stop == min(core.stop + halo, size)
     assert bool((covered == 1).all())
+
+
+def test_halo_plans_refuse_decoder_hooks_they_would_skip(decode, autoencoder):
+    handle = autoencoder.decoder.register_forward_hook(lambda module, args, output: output + 1)
+    try:
+        plan = decode.DecodePlan(None, 0.4, 1, CPU, 2, halo_core=(4, 8, 8), halo=2)
+        with pytest.raises(ValueError, match="forward hooks"):
+            decode.decode_latent(decode.LatentDecoder(autoencoder), _latent(8, 8, 8), plan, progress=False)
+    finally:
+        handle.remove()

@@ -34,15 +34,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode import GB, HALO, DecodePlan
+from .decode import GB, HALO, DecodePlan, plan_decode
 
 __all__ = [
     "CPU_COSTS",
     "CUDA_COSTS",
+    "EXACT_GROUP_NORM_WORK",
     "DeviceCosts",
     "GenerationResources",
     "PhaseEstimate",
     "estimate_generation_resources",
+    "largest_fitting_volume",
+    "pair_generation_peak_gb",
+    "resident_gb",
 ]
 
 
@@ -84,6 +88,8 @@ class DeviceCosts:
     decode_seconds_per_voxel: float
 
 
+# decode work of a halo plan with exact group norms relative to tile statistics (measured, bench/RESULTS.md)
+EXACT_GROUP_NORM_WORK = 4.0
 # measured on this project's 2-core CPU machine (bench/RESULTS.md, "Speed and memory", 2026-12-01)
 CPU_COSTS = DeviceCosts(
     name="CPU, float32, memory-efficient attention: measured on a 2-core AMD EPYC (bench/bench_maisi_ct.py)",
@@ -223,6 +229,28 @@ def costs_for(device: torch.device | str) -> DeviceCosts:
     return CUDA_COSTS if torch.device(device).type == "cuda" else CPU_COSTS
 
 
+def resident_gb(device: torch.device | str, uses_controlnet: bool = True) -> float:
+    """
+    Estimated memory held before any network runs: the process (CPU) and every generation network's weights.
+
+    Parameters
+    ----------
+    device
+        The generation device.
+    uses_controlnet
+        Whether the ControlNet is loaded.
+
+    Returns
+    -------
+    float
+        GB; pass it to ``decode.plan_decode(resident_gb=...)`` to count the whole run against a budget.
+    """
+    costs = costs_for(device)
+    weights = costs.unet_weight_bytes + costs.autoencoder_weight_bytes
+    weights += costs.controlnet_weight_bytes if uses_controlnet else 0.0
+    return (costs.resident_bytes + weights) / GB
+
+
 def estimate_generation_resources(
     latent_shape: Sequence[int],
     device: torch.device | str,
@@ -271,9 +299,7 @@ def estimate_generation_resources(
     costs = costs_for(device)
     voxels = math.prod(spatial)
     batch = 2 if cfg_guidance else 1
-    weights = costs.unet_weight_bytes + costs.autoencoder_weight_bytes
-    weights += costs.controlnet_weight_bytes if uses_controlnet else 0.0
-    resident = costs.resident_bytes + weights
+    resident = resident_gb(device, uses_controlnet) * GB
 
     def sampling_peak(per_voxel: float | None) -> float | None:
         return None if per_voxel is None else (resident + per_voxel * voxels * batch) / GB
@@ -298,8 +324,8 @@ def estimate_generation_resources(
         controlnet = PhaseEstimate("controlnet", sampling_peak(costs.controlnet_bytes_per_voxel),
                                    sampling_time(costs.controlnet_seconds), costs.name)
     decode_bytes = (decode_plan.estimated_peak_gb or 0.0) * GB - decode_plan.resident_gb * GB
-    passes = 2 if decode_plan.kind == HALO and decode_plan.group_norm == "global" else 1
-    decoded = (decode_plan.decoded_voxels or voxels) * passes
+    work = EXACT_GROUP_NORM_WORK if decode_plan.kind == HALO and decode_plan.group_norm == "exact" else 1.0
+    decoded = (decode_plan.decoded_voxels or voxels) * work
     decoder = PhaseEstimate(
         "decoder",
         None if decode_plan.estimated_peak_gb is None else (resident + decode_bytes) / GB,
@@ -315,3 +341,66 @@ def estimate_generation_resources(
         decoder=decoder,
         basis="estimates from per-voxel figures",
     )
+
+
+def pair_generation_peak_gb(output_size: Sequence[int], device: torch.device | str, budget_gb: float) -> float:
+    """
+    Estimated peak memory of one CT pair generation (ControlNet, no guidance) at ``output_size``, with the
+    decode planned within ``budget_gb`` for the whole run (:func:`resident_gb` counted).
+
+    Parameters
+    ----------
+    output_size
+        Image size (4x the latent per axis).
+    device
+        The generation device.
+    budget_gb
+        The memory of the device (host RAM on the CPU).
+
+    Returns
+    -------
+    float
+        GB: the larger of the sampling peak and the decode peak (or ``inf`` when sampling is not known).
+    """
+    latent = tuple(int(s) // 4 for s in output_size)
+    plan = plan_decode((4, *latent), device, memory_budget_gb=budget_gb, resident_gb=resident_gb(device, True))
+    estimate = estimate_generation_resources(latent, device, 1, uses_controlnet=True, cfg_guidance=False, decode_plan=plan)
+    if estimate.unet.peak_gb is None or estimate.peak_gb is None:
+        return math.inf
+    return estimate.peak_gb  # the decoder's is the plan's estimate: above the budget when nothing fitted
+
+
+def largest_fitting_volume(
+    budget_gb: float, device: torch.device | str, sizes: Sequence[Sequence[int]]
+) -> tuple[tuple[int, int, int], float]:
+    """
+    The output size with the most voxels whose estimated pair-generation peak fits ``budget_gb``.
+
+    Parameters
+    ----------
+    budget_gb
+        The memory of the device, GB.
+    device
+        The generation device.
+    sizes
+        Candidate output sizes (e.g. the CT sizes the bundle allows).
+
+    Returns
+    -------
+    tuple
+        ``(size, estimated peak GB)``.
+
+    Raises
+    ------
+    ValueError
+        When no output size fits.
+    """
+    fitting = []
+    for size in sizes:
+        peak = pair_generation_peak_gb(size, device, budget_gb)
+        if peak <= budget_gb:
+            fitting.append((math.prod(size), tuple(int(s) for s in size), peak))
+    if not fitting:
+        raise ValueError(f"no output size of {list(sizes)} fits {budget_gb} GB on {device} (estimates).")
+    _, size, peak = max(fitting)
+    return size, peak  # type: ignore[return-value]

@@ -68,6 +68,7 @@ __all__ = [
     "clamp_roi",
     "count_sliding_windows",
     "decode_latent",
+    "decoder_out_channels",
     "get_autoencoder_splits",
     "plan_decode",
     "resident_memory_bytes",
@@ -278,10 +279,15 @@ class DecoderMemoryModel:
         return self.chunk_elements(tile_shape, num_splits, dim_split) <= self.max_chunk_elements
 
 
-# CPU, float32 (norm_float16 false): measured peak RSS 136-149 kB per latent voxel at 16^3 and 24^3
-# latents for 1, 2 and 4 splits (DECODE_MEMORY.md); 160 kB is the rounded-up envelope.
+# CPU, float32 (norm_float16 false), measured peak RSS increase (DECODE_MEMORY.md): MONAI's decoder forward
+# 132-146 kB per latent voxel (16^3, 24^3, 32x32x16; 1, 2 and 4 splits), the staged halo path with its lean
+# group norm 128-131 kB (12^3, 16^3, 20^3); the fixed part is below 0.05 GB. Rounded up: 150 kB, 135 kB, 0.1 GB.
 CPU_DECODER_MEMORY = DecoderMemoryModel(
-    name="cpu-float32", per_split_bytes=((1, 160e3),), fixed_bytes=0.25 * GB, max_chunk_elements=None
+    name="cpu-float32",
+    per_split_bytes=((1, 150e3),),
+    fixed_bytes=0.1 * GB,
+    max_chunk_elements=None,
+    halo_bytes_per_latent_voxel=135e3,
 )
 # CUDA, autocast float16 with norm_float16 true (the MAISI network configs): slope of the published
 # A100 peaks against latent voxels per tile is 74-78 kB (2 and 4 splits); 80 kB is the rounded-up slope.
@@ -471,6 +477,26 @@ def get_autoencoder_splits(autoencoder: torch.nn.Module) -> tuple[int, int] | No
         if hasattr(m, "num_splits") and hasattr(m, "dim_split")
     ]
     return max(found) if found else None
+
+
+def decoder_out_channels(autoencoder: torch.nn.Module) -> int:
+    """
+    Output channels of an autoencoder's decoder: those of the last convolution of ``autoencoder.decoder``.
+
+    Parameters
+    ----------
+    autoencoder
+        The autoencoder (``AutoencoderKlMaisi``).
+
+    Returns
+    -------
+    int
+        The channel count (1 for the MAISI image autoencoder, 125 for the mask generator's); 1 when the
+        module has no ``decoder`` with convolutions.
+    """
+    decoder = getattr(autoencoder, "decoder", None)
+    convolutions = [] if decoder is None else [m for m in decoder.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    return int(convolutions[-1].out_channels) if convolutions else 1
 
 
 def splits_compatible(length: int, num_splits: int) -> bool:
@@ -939,6 +965,25 @@ class _Planner:
         raise ValueError(f"{SPLITS_ID}={self.split_options[0]} cannot split any tile of the latent {self.spatial}.")
 
 
+def _best_choice(
+    planner: _Planner, candidates: Sequence[_Candidate], device: torch.device, budget: float
+) -> tuple[tuple[_Candidate, int], bool] | None:
+    """
+    The cheapest fitting candidate and whether it stitches on the decoding device: on the CPU always; on
+    another device when the stitch buffers are at most ``STITCH_FRACTION`` of the budget and keeping them
+    there does not force another candidate.
+    """
+    if device.type == "cpu":
+        choice = planner.best_fit(candidates, True)
+        return None if choice is None else (choice, True)
+    choice = planner.best_fit(candidates, False)
+    on_device = planner.best_fit(candidates, True)
+    small = on_device is not None and planner.stitch_bytes(on_device[0]) <= STITCH_FRACTION * budget
+    if small and (choice is None or on_device[0] == choice[0]):  # type: ignore[index]
+        return on_device, True  # type: ignore[return-value]
+    return None if choice is None else (choice, False)
+
+
 def _check_budget(memory_budget_gb: object) -> float | None:
     if memory_budget_gb is None:
         return None
@@ -983,10 +1028,13 @@ def plan_decode(
        it exactly (:func:`splits_compatible`), keeps every convolution chunk within 32-bit indexing
        (CUDA) and fits the budget.
     2. Otherwise, without an explicit roi, decode in halo tiles (``halo_decode.py``): cores of at
-       least 4 latent voxels per axis, each decoded with ``halo`` latent voxels around it; the grid
-       chosen is the one that fits with the fewest decoded voxels. With ``halo=None`` (or with an
-       explicit roi) the tiles are sliding windows instead: cubic rois, multiples of 4, from the
-       latent size down to 16, the one that fits with the fewest tiles, then the fewest decoded voxels.
+       least 4 latent voxels per axis, each decoded with ``halo`` latent voxels around it in the
+       full-resolution stage; the grid chosen is the one that fits with the fewest decoded voxels. A
+       halo-tiled decode keeps one half-resolution map of the whole volume
+       (``stage_store_bytes_per_latent_voxel``), so very large latents on small budgets do not fit.
+    3. Otherwise (or with ``halo=None``, or with an explicit roi) decode in sliding windows: cubic rois,
+       multiples of 4, from the latent size down to 16, the one that fits with the fewest tiles, then the
+       fewest decoded voxels.
 
     When nothing fits, the most memory-saving candidate is returned with a warning. The image is
     stitched on the CPU unless three things hold: the decoding device is not the CPU, the stitch
@@ -1060,20 +1108,21 @@ def plan_decode(
     usable = BUDGET_FRACTION * max(budget - resident, 0.0)
     planner = _Planner(spatial, split_options, dim_split, model, usable, out_channels)
     if roi is not None:
-        candidates = [_sliding_candidate(spatial, clamp_roi(roi, spatial), overlap, dim_split)]
-    elif halo_size is not None:
-        candidates = [_whole_candidate(spatial, dim_split), *_halo_candidates(spatial, halo_size, dim_split)]
+        searches = [[_sliding_candidate(spatial, clamp_roi(roi, spatial), overlap, dim_split)]]
     else:
-        candidates = [_whole_candidate(spatial, dim_split), *_auto_roi_candidates(spatial, overlap, dim_split)]
-
-    stitch_on_device = device.type == "cpu"  # on the CPU the buffers share the decoder's memory
-    choice = planner.best_fit(candidates, stitch_on_device)
-    if not stitch_on_device:
-        on_device = planner.best_fit(candidates, True)
-        small = on_device is not None and planner.stitch_bytes(on_device[0]) <= STITCH_FRACTION * budget
-        if small and (choice is None or on_device[0] == choice[0]):  # type: ignore[index]
-            choice, stitch_on_device = on_device, True
-    if choice is None:
+        sliding = [_whole_candidate(spatial, dim_split), *_auto_roi_candidates(spatial, overlap, dim_split)]
+        searches = [sliding] if halo_size is None else [_halo_candidates(spatial, halo_size, dim_split), sliding]
+        if halo_size is not None:
+            searches[0].insert(0, _whole_candidate(spatial, dim_split))
+    # halo tiles first (exact up to group-norm statistics); sliding windows when their stored map does not fit
+    found = None
+    for candidates in searches:
+        found = _best_choice(planner, candidates, device, budget)
+        if found is not None:
+            break
+    if found is None:
+        candidates = searches[-1]
+        stitch_on_device = device.type == "cpu"
         choice = planner.fallback(candidates)
         logger.warning(
             "decoding a latent of %s: estimated peak %.2f GB (%s, %s=%d) exceeds %.0f%% of the %.2f GB budget "
@@ -1089,6 +1138,8 @@ def plan_decode(
             ROI_ID,
             SPLITS_ID,
         )
+    else:
+        choice, stitch_on_device = found
     candidate, splits = choice
     plan = DecodePlan(
         roi_size=candidate.tile if candidate.kind == SLIDING else None,
@@ -1109,6 +1160,18 @@ def plan_decode(
     )
     logger.info("latent %s on %s: %s", spatial, device, plan.describe())
     return plan
+
+
+def _check_halo_decoder(autoencoder: torch.nn.Module) -> None:
+    """Halo tiles call ``autoencoder.decoder``'s blocks one by one: refuse hooks they would skip, say what runs eagerly."""
+    inner = autoencoder.decoder
+    if inner._forward_hooks or inner._forward_pre_hooks:
+        raise ValueError(
+            "autoencoder.decoder has forward hooks, which a halo-tiled decode (it calls the decoder's blocks one "
+            "by one) would skip; plan with halo=None or set autoencoder_sliding_window_infer_size."
+        )
+    if getattr(inner, "_compiled_call_impl", None) is not None or hasattr(inner, "_trt_compiler"):
+        logger.warning("a halo-tiled decode runs the blocks of the compiled (torch.compile/TensorRT) decoder eagerly.")
 
 
 def decode_latent(
@@ -1159,6 +1222,7 @@ def decode_latent(
                 f"{type(decoder.autoencoder).__name__} has attention: its receptive field is the whole volume, so "
                 "halo tiles cannot reproduce a whole-volume decode; plan with halo=None."
             )
+        _check_halo_decoder(decoder.autoencoder)
         halos = [(stage.halo,) * 3 for stage in stages[:-1]] + [plan.halo]
         extents = {t.window_shape for h in halos for t in halo_tiles(spatial, plan.halo_core, h)}  # type: ignore[arg-type]
     else:
