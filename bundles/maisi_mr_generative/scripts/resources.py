@@ -71,6 +71,9 @@ class DeviceCosts:
         known (the published CUDA table); ``None`` on devices measured per network.
     unet_bytes_per_voxel, controlnet_bytes_per_voxel
         Peak activation memory of one forward per latent voxel; ``None`` where not measured.
+    step_bytes_per_voxel
+        Peak memory of one ControlNet + UNet step per latent voxel (the ControlNet's residuals stay
+        while the UNet runs); ``None`` where not measured.
     decode_seconds_per_voxel
         Seconds per decoded latent voxel (tiles count their halos or overlaps).
     """
@@ -85,24 +88,32 @@ class DeviceCosts:
     diffusion_step_seconds: tuple[float, float] | None
     unet_bytes_per_voxel: float | None
     controlnet_bytes_per_voxel: float | None
+    step_bytes_per_voxel: float | None
     decode_seconds_per_voxel: float
 
 
-# decode work of a halo plan with exact group norms relative to tile statistics (measured, bench/RESULTS.md)
+# decode work of a halo plan with exact group norms relative to tile statistics: 529 against 134 CPU seconds
+# at latent 32x32x16 (bench/RESULTS.md)
 EXACT_GROUP_NORM_WORK = 4.0
-# measured on this project's 2-core CPU machine (bench/RESULTS.md, "Speed and memory", 2026-12-01)
+# measured on this project's 2-core CPU machine, 2 threads, 2026-12-01 (bench/RESULTS.md, "maisi_ct_generative:
+# speed and memory"): latents 32x32x16, 32^3 and 64x64x32. UNet forward 1.12 / 2.13 / 9.75 s, ControlNet
+# 0.60 / 1.54 / 6.3 s (the last one scaled to an idle machine from its CPU seconds); peak of one step
+# 2055 / 2298 / 3303 MiB for the whole process (weights loaded), i.e. about 2.06 GB + 10.7 kB per voxel;
+# activations alone: UNet 3.5-5.3 kB, ControlNet 8.5 kB per voxel. Decode: 2.1e-3 s per decoded voxel
+# (direct 37 s for 16384 voxels on 2 idle-equivalent cores; halo tiles the same per decoded voxel).
 CPU_COSTS = DeviceCosts(
     name="CPU, float32, memory-efficient attention: measured on a 2-core AMD EPYC (bench/bench_maisi_ct.py)",
-    resident_bytes=0.80 * GB,
+    resident_bytes=1.05 * GB,
     unet_weight_bytes=180.5e6 * 4,
     controlnet_weight_bytes=72.0e6 * 4,
     autoencoder_weight_bytes=20.9e6 * 4,
-    unet_seconds=(0.0, 0.0),
-    controlnet_seconds=(0.0, 0.0),
+    unet_seconds=(0.0, 7.4e-5),
+    controlnet_seconds=(0.0, 4.8e-5),
     diffusion_step_seconds=None,
-    unet_bytes_per_voxel=0.0,
-    controlnet_bytes_per_voxel=0.0,
-    decode_seconds_per_voxel=0.0,
+    unet_bytes_per_voxel=5.3e3,
+    controlnet_bytes_per_voxel=8.6e3,
+    step_bytes_per_voxel=10.7e3,
+    decode_seconds_per_voxel=2.1e-3,
 )
 
 # published A100 80 GB figures of MAISI rflow-ct (30 steps): DM time 2 s at latent 64x64x32, 5 s at
@@ -119,6 +130,7 @@ CUDA_COSTS = DeviceCosts(
     diffusion_step_seconds=(0.026, 3.1e-7),
     unet_bytes_per_voxel=None,
     controlnet_bytes_per_voxel=None,
+    step_bytes_per_voxel=None,
     decode_seconds_per_voxel=7.7e-6,
 )
 
@@ -314,10 +326,8 @@ def estimate_generation_resources(
         unet_note = "UNet + ControlNet per step, " + costs.name
     else:
         unet_note = costs.name
-    controlnet_activation = costs.controlnet_bytes_per_voxel if uses_controlnet else 0.0
-    unet_activation = None
-    if costs.unet_bytes_per_voxel is not None and controlnet_activation is not None:
-        unet_activation = costs.unet_bytes_per_voxel + controlnet_activation  # the residuals stay while the UNet runs
+    # with a ControlNet the UNet runs while its residuals are held: the measured step figure
+    unet_activation = costs.step_bytes_per_voxel if uses_controlnet else costs.unet_bytes_per_voxel
     unet = PhaseEstimate("unet", sampling_peak(unet_activation), unet_seconds, unet_note)
     controlnet = None
     if uses_controlnet:
