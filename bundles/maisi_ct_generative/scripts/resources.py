@@ -96,23 +96,24 @@ class DeviceCosts:
 # at latent 32x32x16 (bench/RESULTS.md)
 EXACT_GROUP_NORM_WORK = 4.0
 # measured on this project's 2-core CPU machine, 2 threads, 2026-12-01 (bench/RESULTS.md, "maisi_ct_generative:
-# speed and memory"): latents 32x32x16, 32^3 and 64x64x32. UNet forward 1.12 / 2.13 / 9.75 s, ControlNet
-# 0.60 / 1.54 / 6.3 s (the last one scaled to an idle machine from its CPU seconds); peak of one step
-# 2055 / 2298 / 3303 MiB for the whole process (weights loaded), i.e. about 2.06 GB + 10.7 kB per voxel;
-# activations alone: UNet 3.5-5.3 kB, ControlNet 8.5 kB per voxel. Decode: 2.1e-3 s per decoded voxel
-# (direct 37 s for 16384 voxels on 2 idle-equivalent cores; halo tiles the same per decoded voxel).
+# speed and memory"): latents 32x32x16, 32^3, 64x64x32 and 128x128x32. UNet forward 1.12 / 2.13 / 9.75 / 44 s,
+# ControlNet 0.60 / 1.54 / 6.3 / 28 s (contended runs scaled to an idle machine by their CPU seconds); peak of
+# one step 2055 / 2298 / 3303 / 7628 MiB for the whole process with the weights loaded: the envelope 2.14 GB
+# (process and all weights) + 11.6 kB per voxel; activations alone: UNet 3.5-5.3 kB, ControlNet 8.5 kB per voxel.
+# Decode: 2.1e-3 s per decoded voxel (direct 37 s for 16384 voxels on 2 idle-equivalent cores; halo tiles the
+# same per decoded voxel).
 CPU_COSTS = DeviceCosts(
     name="CPU, float32, memory-efficient attention: measured on a 2-core AMD EPYC (bench/bench_maisi_ct.py)",
     resident_bytes=1.05 * GB,
     unet_weight_bytes=180.5e6 * 4,
     controlnet_weight_bytes=72.0e6 * 4,
     autoencoder_weight_bytes=20.9e6 * 4,
-    unet_seconds=(0.0, 7.4e-5),
-    controlnet_seconds=(0.0, 4.8e-5),
+    unet_seconds=(0.0, 8.2e-5),
+    controlnet_seconds=(0.0, 5.1e-5),
     diffusion_step_seconds=None,
     unet_bytes_per_voxel=5.3e3,
     controlnet_bytes_per_voxel=8.6e3,
-    step_bytes_per_voxel=10.7e3,
+    step_bytes_per_voxel=11.6e3,
     decode_seconds_per_voxel=2.1e-3,
 )
 
