@@ -25,28 +25,24 @@ def decode() -> ModuleType:
         return importlib.import_module("scripts.decode")
 
 
+def _maisi_autoencoder(**overrides) -> AutoencoderKlMaisi:
+    arguments = dict(
+        spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[64, 128, 256],
+        num_res_blocks=[2, 2, 2], norm_num_groups=32, norm_eps=1e-6, attention_levels=[False, False, False],
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_convtranspose=False,
+        norm_float16=False, num_splits=1, dim_split=1,
+    )
+    return AutoencoderKlMaisi(**{**arguments, **overrides})
+
+
+TINY_DECODER = {"num_channels": [8, 8, 8], "num_res_blocks": [1, 1, 1], "norm_num_groups": 4}
+
+
 @pytest.fixture(scope="module")
 def autoencoder() -> AutoencoderKlMaisi:
     """A tiny MAISI autoencoder (random weights, seeded): 8 channels, 4 norm groups, latent 4, split axis 1."""
     torch.manual_seed(0)
-    network = AutoencoderKlMaisi(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        latent_channels=4,
-        num_channels=[8, 8, 8],
-        num_res_blocks=[1, 1, 1],
-        norm_num_groups=4,
-        norm_eps=1e-6,
-        attention_levels=[False, False, False],
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-        use_convtranspose=False,
-        norm_float16=False,
-        num_splits=1,
-        dim_split=1,
-    )
-    return network.eval()
+    return _maisi_autoencoder(**TINY_DECODER).eval()
 
 
 def _latent(*spatial: int, seed: int = 1) -> torch.Tensor:
@@ -425,24 +421,7 @@ class _RecordingTorch:
 def mask_autoencoder() -> AutoencoderKlMaisi:
     """A tiny decoder with the mask generator's 125 output channels (random weights, seeded)."""
     torch.manual_seed(3)
-    network = AutoencoderKlMaisi(
-        spatial_dims=3,
-        in_channels=8,
-        out_channels=125,
-        latent_channels=4,
-        num_channels=[8, 8, 8],
-        num_res_blocks=[1, 1, 1],
-        norm_num_groups=4,
-        norm_eps=1e-6,
-        attention_levels=[False, False, False],
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-        use_convtranspose=True,
-        norm_float16=False,
-        num_splits=1,
-        dim_split=1,
-    )
-    return network.eval()
+    return _maisi_autoencoder(in_channels=8, out_channels=125, use_convtranspose=True, **TINY_DECODER).eval()
 
 
 def test_planned_stitch_buffers_equal_the_allocated_ones(decode, mask_autoencoder, monkeypatch):
@@ -499,22 +478,12 @@ def test_resident_memory_counts_against_the_budget(decode, caplog):
 # --------------------------------------------------------------------------------------------- halo tiles
 
 
-def _maisi_autoencoder(**overrides) -> AutoencoderKlMaisi:
-    arguments = dict(
-        spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[64, 128, 256],
-        num_res_blocks=[2, 2, 2], norm_num_groups=32, norm_eps=1e-6, attention_levels=[False, False, False],
-        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_convtranspose=False,
-        norm_float16=False, num_splits=1, dim_split=1,
-    )
-    return AutoencoderKlMaisi(**{**arguments, **overrides})
-
-
 def test_decoder_stages_cover_the_published_decoders_receptive_fields(decode):
     with torch.device("meta"):  # the full-size published decoders, no weights allocated
         image = _maisi_autoencoder()
         mask = _maisi_autoencoder(in_channels=8, out_channels=125, num_channels=[32, 64, 128], num_res_blocks=[1, 2, 2],
                                   use_convtranspose=True)
-        attention = _maisi_autoencoder(num_channels=[8, 8, 8], norm_num_groups=4, with_decoder_nonlocal_attn=True)
+        attention = _maisi_autoencoder(with_decoder_nonlocal_attn=True, **TINY_DECODER)
     # latent resolution: conv_in + 4 convolutions; 2x: interpolation, conv, 4 convs; 4x: the same, conv_out
     assert [(s.scale, s.out_scale, s.radius, s.halo) for s in decode.decoder_stages(image)] == [
         (1, 1, 5.0, 5), (1, 2, 3.5, 4), (2, 4, 2.0, 2)]
@@ -545,7 +514,7 @@ def test_halo_plans_are_refused_for_decoders_they_cannot_reproduce(decode):
     with pytest.raises(ValueError, match="decoder.blocks"):
         decode.decode_latent(decode.LatentDecoder(_PointwiseAutoencoder()), _latent(8, 8, 8), plan, progress=False)
     torch.manual_seed(0)
-    attention = _maisi_autoencoder(num_channels=[8, 8, 8], norm_num_groups=4, with_decoder_nonlocal_attn=True).eval()
+    attention = _maisi_autoencoder(with_decoder_nonlocal_attn=True, **TINY_DECODER).eval()
     with pytest.raises(ValueError, match="attention"):
         decode.decode_latent(decode.LatentDecoder(attention), _latent(8, 8, 8), plan, progress=False)
     with pytest.raises(ValueError, match="halo"):
