@@ -45,6 +45,9 @@ def test_dry_run_reports_files_plans_and_samples_without_weights(tmp_path, no_we
     (plan,) = description["decode_plans"].values()
     assert "128x128x64" in description["decode_plans"] and "of 4.00 GB budget" in plan
     assert description["settings"]["requests"][0]["output_size"] == [512, 512, 256]
+    (estimate,) = description["resource_estimates"].values()  # image only: the UNet and the decoder
+    assert list(description["resource_estimates"]) == ["128x128x64"] and "latent (128, 128, 64), 30 steps" in estimate[0]
+    assert [line.split(":")[0].strip() for line in estimate[1:]] == ["unet", "decoder", "whole generation"]
     assert not (tmp_path / "out").exists()
 
 
@@ -53,6 +56,7 @@ def test_dry_run_from_the_command_line_exits_zero(tmp_path):
     description = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
     assert description["missing_files"] == ["trained_autoencoder_path", "trained_diffusion_path"]
     assert description["settings"]["requests"][0]["modality"] == 9
+    assert "whole generation: peak ~" in description["resource_estimates"]["32x64x64"][-1]  # image only (no mask_path)
 
 
 def test_listing_commands():

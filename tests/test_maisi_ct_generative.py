@@ -39,7 +39,8 @@ def test_full_size_networks_match_published_parameter_counts(version):
     parser = parser_for(version)
     assert parser.get_parsed_content("version") == version
     for net_id, expected in PUBLISHED_PARAMETER_COUNTS[version].items():
-        with torch.device("meta"):  # shapes without allocating the weights
+        # shapes without allocating the weights; the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+        with bundle_scripts(BUNDLE), torch.device("meta"):
             network = parser.get_parsed_content(net_id, instantiate=True)
             if net_id in MASK_GENERATION_DEFS:  # built on demand ("_mode_": "callable"), see the next test
                 assert isinstance(network, functools.partial), net_id
@@ -90,7 +91,8 @@ def test_mask_generation_networks_are_built_only_when_a_mask_is_generated(monkey
 
 def test_published_checkpoint_formats_load_strictly(tmp_path):
     parser = parser_for("rflow-ct")
-    networks = {name: parser.get_parsed_content(name) for name in ("autoencoder_def", "diffusion_unet_def", "controlnet_def")}
+    with bundle_scripts(BUNDLE):
+        networks = {name: parser.get_parsed_content(name) for name in ("autoencoder_def", "diffusion_unet_def", "controlnet_def")}
     torch.manual_seed(0)
     for network in networks.values():
         for parameter in network.parameters():

@@ -1,5 +1,5 @@
 """
-Unit tests of the MAISI data-preparation CLI (canonical: common/maisi/scripts/data_prep.py), in-process plus one
+Unit tests of the MAISI data-preparation CLI (canonical: common/maisi/core/data_prep.py), in-process plus one
 `fire` call. They import the CT bundle's byte copy (tests/test_shared_code.py checks it is identical), because the
 defaults come from the bundle's configs/inference.json; the defaults of both bundles are tested at the end.
 """

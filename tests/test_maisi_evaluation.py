@@ -71,7 +71,7 @@ def scripts():
         import scripts.evaluation_diversity
         import scripts.evaluation_fid
         import scripts.evaluation_recon
-        import scripts.fid
+        import scripts.fid  # noqa: F401
 
         yield package
 

@@ -1,4 +1,4 @@
-"""Unit tests of the shared MAISI intensity mapping and latent-embedding files (common/maisi/scripts)."""
+"""Unit tests of the shared MAISI intensity mapping and latent-embedding files (common/maisi/core)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from monai.data.utils import affine_to_spacing
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts
+from bundle_helpers import BUNDLES_DIR, REPO_ROOT, bundle_scripts
 
 BACKGROUND, LIVER, SPLEEN, PANCREAS, GALLBLADDER, STOMACH, SMALL_BOWEL, COLON, BODY = 0, 1, 3, 4, 10, 12, 19, 62, 200
 HEPATIC_VESSEL, HEPATIC_TUMOR, PANCREATIC_TUMOR, AIRWAY = 25, 26, 24, 132
@@ -203,6 +203,46 @@ def test_latent_sampling_rejects_bad_inputs_before_sampling(mg, networks):
         mg.generate_mask_latent(unet, scheduler, condition[..., :9], LATENT_SHAPE, cpu, "cpu", STEPS)
     with pytest.raises(ValueError, match=r"mask_generation_latent_shape=\[8, 8, 8\] is not allowed"):
         mg.generate_mask_latent(unet, scheduler, condition, LATENT_SHAPE[1:], cpu, "cpu", STEPS)
+
+
+def test_ddim_overlay_samples_in_fewer_steps(mg, networks, caplog):
+    # configs/inference_mask_ddim.json: the published DDPM betas, sampled with DDIM in 50 steps
+    from monai.bundle import ConfigParser
+    from monai.networks.schedulers import DDIMScheduler
+
+    bundle = REPO_ROOT / "bundles" / "maisi_ct_generative" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "inference.json"), str(bundle / "inference_mask_ddim.json")])
+    ddim = parser.get_parsed_content("mask_generation_noise_scheduler")
+    ddpm = ConfigParser(json.loads((bundle / "inference.json").read_text())).get_parsed_content("mask_generation_noise_scheduler")
+    assert isinstance(ddim, DDIMScheduler) and parser["mask_generation_num_inference_steps"] == 50
+    assert torch.equal(ddim.alphas_cumprod, ddpm.alphas_cumprod)  # the schedule the generator was trained with
+    condition = mg.size_condition_vector(REQUEST, DATABASE)
+
+    def latent(scheduler, seed, steps=STEPS):
+        generator = torch.Generator().manual_seed(seed)
+        return mg.generate_mask_latent(networks.diffusion_unet, scheduler, condition, LATENT_SHAPE, generator, "cpu", steps)
+
+    with caplog.at_level("WARNING"):
+        first = latent(ddim, 3)
+    assert "below the 1000 steps" not in caplog.text  # the DDPM warning is for DDPM schedulers only
+    assert first.shape == (1, *LATENT_SHAPE) and torch.isfinite(first).all()
+    assert torch.equal(first, latent(ddim, 3)) and not torch.equal(first, latent(ddim, 4))
+    assert len(ddim.timesteps) == STEPS and not torch.allclose(first, latent(ddpm, 3))
+
+
+def test_decode_is_planned_for_every_output_channel(mg, networks, monkeypatch):
+    planned = {}
+    plan_decode = mg.plan_decode
+
+    def spy(*args, **kwargs):
+        planned.update(kwargs)
+        return plan_decode(*args, **kwargs)
+
+    monkeypatch.setattr(mg, "plan_decode", spy)
+    latent = torch.randn((1, *LATENT_SHAPE), generator=torch.Generator().manual_seed(0))
+    mg.decode_mask(networks.autoencoder, latent, networks.scale_factor, CHANNEL_TABLE)
+    assert planned["out_channels"] == len(CHANNEL_TABLE) == 6  # the decoder's channels, not the image decoder's 1
 
 
 def test_decode_mask_is_argmax_mapped_to_maisi_ids(mg, networks):

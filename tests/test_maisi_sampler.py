@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
-from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts
 
@@ -144,6 +144,35 @@ def test_ddpm_sampling_with_region_inputs_is_reproducible(sampler):
     torch.testing.assert_close(run(5), run(5), rtol=0, atol=0)
     assert not torch.allclose(run(5), run(6))
     assert torch.isfinite(run(5)).all()
+
+
+def test_ddim_sampling_is_the_deterministic_ddim_update(sampler):
+    # the mask overlay's scheduler: sample_latent steps it like DDPM (t alone, the generator passed on); with
+    # eta 0 the result does not depend on the generator and equals a hand-written DDIM loop
+    unet, controlnet = _networks(rflow=False)
+    conditions = _conditions(sampler, rflow=False)
+    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(0))
+
+    def scheduler():
+        return DDIMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sampler.sample_latent(unet, scheduler(), noise, conditions, 3, controlnet=controlnet, generator=generator, progress=False)
+
+    reference = scheduler()
+    reference.set_timesteps(3)
+    latent = noise
+    with torch.no_grad():
+        for t in reference.timesteps:
+            prediction = sampler.predict(unet, controlnet, latent, t.reshape(1), conditions)
+            alpha = reference.alphas_cumprod[t]
+            previous = t - 1000 // 3
+            alpha_prev = reference.alphas_cumprod[previous] if previous >= 0 else reference.final_alpha_cumprod
+            original = (latent - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+            latent = alpha_prev.sqrt() * original + (1 - alpha_prev).sqrt() * prediction
+    torch.testing.assert_close(run(5), latent, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(5), run(6), rtol=0, atol=0)
 
 
 def test_image_only_sampling_and_errors(sampler):

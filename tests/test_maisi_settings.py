@@ -377,7 +377,7 @@ def test_decode_settings(v):
         with _raises("autoencoder_sliding_window_infer_overlap=", "[0, 1)"):
             v.check_decode_settings([48, 48, 48], overlap, 4, None)
     for splits in (0, 2.0, "4"):
-        with _raises("autoencoder_tp_num_splits=", "integer >= 1", "null (planned"):
+        with _raises("autoencoder_tp_num_splits=", "integer >= 1", "or null"):
             v.check_decode_settings([48, 48, 48], 0.5, splits, None)
     for budget in (0, -1, "2", float("nan")):
         with _raises("memory_budget_gb=", "> 0 or null"):

@@ -11,22 +11,35 @@
 """
 Memory-aware decoding of MAISI latents with ``AutoencoderKlMaisi``.
 
-The decoder is the peak-memory step of MAISI inference. Two knobs bound its memory:
+The decoder is the peak-memory step of MAISI inference. A :class:`DecodePlan` says how to run it:
+
+- **whole**: one decoder call on the whole latent;
+- **halo**: the latent is cut into cores, each decoded with a margin of ``halo`` latent voxels and only
+  its centre kept (``halo_decode.py``). With a halo that covers the decoder's receptive field the
+  result is the whole-volume decode up to the group-norm statistics, at the memory of one tile;
+- **sliding-window**: ``monai.inferers.SlidingWindowInferer`` with gaussian blending, optionally
+  stitching on the CPU (the published MAISI pipeline; its tiles have seams).
+
+Two user settings bound the memory, and a third picks the tiling:
 
 - ``autoencoder_tp_num_splits``: ``MaisiConvolution`` splits each convolution input into chunks along
   spatial axis ``dim_split`` (with a 3-voxel halo) and concatenates the results. The result is exact;
-  on CUDA it keeps every chunk within the 2**31-element limit of cuDNN's 32-bit indexing.
-- ``autoencoder_sliding_window_infer_size`` / ``_overlap``: decode the latent in tiles with
-  ``monai.inferers.SlidingWindowInferer`` (gaussian blending), optionally stitching on the CPU.
+  on CUDA it keeps every chunk within the 2**31-element limit of cuDNN's 32-bit indexing. An explicit
+  value is honoured; ``null`` means *planned*: :func:`plan_decode` chooses it, and the
+  ``num_splits`` of the network definition (``autoencoder_def#num_splits``) is then not used for
+  decoding (it still applies where the autoencoder runs outside the planner, e.g. embeddings).
+- ``autoencoder_sliding_window_infer_size`` / ``_overlap``: an explicit window asks for the
+  sliding-window decode; ``null`` lets the planner choose between a whole and a halo-tiled decode.
 
-:func:`plan_decode` picks both knobs from a memory budget with the peak-memory model
-:class:`DecoderMemoryModel` (calibration in ``common/maisi/DECODE_MEMORY.md``); values the user sets
-are kept. :func:`decode_latent` carries out a :class:`DecodePlan`.
+:func:`plan_decode` picks what is left unset from a memory budget with the peak-memory model
+:class:`DecoderMemoryModel` (calibration in ``common/maisi/DECODE_MEMORY.md``); :func:`decode_latent`
+carries the plan out. :func:`check_decode_settings` is the one check of the three user settings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import numbers
@@ -39,20 +52,26 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 
+from .halo_decode import GROUP_NORM_MODES, decode_with_halo, decoder_stages, halo_tiles
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CPU_DECODER_MEMORY",
     "CUDA_DECODER_MEMORY",
+    "DEFAULT_HALO",
     "DecodePlan",
     "DecoderMemoryModel",
     "LatentDecoder",
     "available_memory_bytes",
+    "check_decode_settings",
     "clamp_roi",
     "count_sliding_windows",
     "decode_latent",
+    "decoder_out_channels",
     "get_autoencoder_splits",
     "plan_decode",
+    "resident_memory_bytes",
     "set_autoencoder_splits",
     "splits_compatible",
 ]
@@ -69,7 +88,16 @@ BUDGET_FRACTION = 0.85  # share of the memory budget a plan may use
 STITCH_FRACTION = 0.25  # stitch on the device only while the image is at most this share of the budget
 GB = 1e9
 INT32_MAX = 2**31 - 1
-OUTPUT_BYTES_PER_LATENT_VOXEL = 4 * UPSAMPLE_FACTOR**3  # 1 channel, float32
+OUTPUT_BYTES_PER_LATENT_VOXEL = 4 * UPSAMPLE_FACTOR**3  # per output channel, float32
+DEFAULT_HALO = 2  # latent voxels per side: the receptive field of the MAISI decoders' full-resolution stage
+MIN_HALO_CORE = 4  # smallest automatic halo-tile core, latent voxels per axis
+DEFAULT_GROUP_NORM = "tile"  # group-norm statistics of halo tiles (DECODE_MEMORY.md)
+
+# plan kinds (DecodePlan.kind)
+WHOLE = "whole"
+HALO = "halo"
+SLIDING = "sliding-window"
+PLANNED = "planned"  # DecodePlan.num_splits_source when the planner chose the split count
 
 # ids of the user-facing settings, used in error messages
 ROI_ID = "autoencoder_sliding_window_infer_size"
@@ -104,6 +132,18 @@ class DecoderMemoryModel:
         Channels of the widest feature map at full resolution (128 for the MAISI image autoencoder).
     max_chunk_elements
         Largest element count of one convolution chunk, or ``None`` for no limit.
+    halo_bytes_per_latent_voxel
+        Bytes per latent voxel of a halo-tile window of the full-resolution stage, which runs a leaner
+        group norm (``halo_decode.py``); ``None``: the same as ``bytes_per_latent_voxel``.
+    stage_store_bytes_per_latent_voxel
+        Bytes per latent voxel of the whole-volume map a halo-tiled decode keeps between its last two
+        stages (128 channels at half resolution, float32, for the MAISI image decoder).
+
+    Notes
+    -----
+    The calibrations are for a 1-channel decoder. A decoder with ``out_channels`` outputs adds
+    ``(out_channels - 1) * OUTPUT_BYTES_PER_LATENT_VOXEL`` per decoded voxel for its output tile
+    (:meth:`output_tile_bytes`); the stitch buffers are counted by the planner.
     """
 
     name: str
@@ -111,6 +151,8 @@ class DecoderMemoryModel:
     fixed_bytes: float
     widest_channels: int = 128
     max_chunk_elements: int | None = None
+    halo_bytes_per_latent_voxel: float | None = None
+    stage_store_bytes_per_latent_voxel: float = 128 * 8 * 4
 
     def bytes_per_latent_voxel(self, num_splits: int) -> float:
         """
@@ -149,6 +191,46 @@ class DecoderMemoryModel:
             Estimated peak bytes, including the decoded tile.
         """
         return self.fixed_bytes + self.bytes_per_latent_voxel(num_splits) * math.prod(tile_shape)
+
+    def halo_tile_peak_bytes(self, tile_shape: Sequence[int], num_splits: int) -> float:
+        """
+        Estimated peak bytes of decoding one halo-tile window of ``tile_shape`` (lean group norm).
+
+        Parameters
+        ----------
+        tile_shape
+            Spatial shape of the decoded window (core plus halo).
+        num_splits
+            Split count of the autoencoder.
+
+        Returns
+        -------
+        float
+            Estimated peak bytes, including the decoded window.
+        """
+        per_voxel = self.halo_bytes_per_latent_voxel
+        if per_voxel is None:
+            return self.decoder_peak_bytes(tile_shape, num_splits)
+        return self.fixed_bytes + per_voxel * math.prod(tile_shape)
+
+    @staticmethod
+    def output_tile_bytes(tile_shape: Sequence[int], out_channels: int) -> float:
+        """
+        Bytes of the output channels of a decoded tile beyond the first (the calibration's one).
+
+        Parameters
+        ----------
+        tile_shape
+            Spatial shape of the latent decoded at once.
+        out_channels
+            Output channels of the decoder.
+
+        Returns
+        -------
+        float
+            ``(out_channels - 1) * OUTPUT_BYTES_PER_LATENT_VOXEL * voxels``.
+        """
+        return float((out_channels - 1) * OUTPUT_BYTES_PER_LATENT_VOXEL * math.prod(tile_shape))
 
     def chunk_elements(self, tile_shape: Sequence[int], num_splits: int, dim_split: int) -> int:
         """
@@ -197,10 +279,15 @@ class DecoderMemoryModel:
         return self.chunk_elements(tile_shape, num_splits, dim_split) <= self.max_chunk_elements
 
 
-# CPU, float32 (norm_float16 false): measured peak RSS 136-149 kB per latent voxel at 16^3 and 24^3
-# latents for 1, 2 and 4 splits (DECODE_MEMORY.md); 160 kB is the rounded-up envelope.
+# CPU, float32 (norm_float16 false), measured peak RSS increase (DECODE_MEMORY.md): MONAI's decoder forward
+# 132-146 kB per latent voxel (16^3, 24^3, 32x32x16; 1, 2 and 4 splits), the staged halo path with its lean
+# group norm 128-131 kB (12^3, 16^3, 20^3); the fixed part is below 0.05 GB. Rounded up: 150 kB, 135 kB, 0.1 GB.
 CPU_DECODER_MEMORY = DecoderMemoryModel(
-    name="cpu-float32", per_split_bytes=((1, 160e3),), fixed_bytes=0.25 * GB, max_chunk_elements=None
+    name="cpu-float32",
+    per_split_bytes=((1, 150e3),),
+    fixed_bytes=0.1 * GB,
+    max_chunk_elements=None,
+    halo_bytes_per_latent_voxel=135e3,
 )
 # CUDA, autocast float16 with norm_float16 true (the MAISI network configs): slope of the published
 # A100 peaks against latent voxels per tile is 74-78 kB (2 and 4 splits); 80 kB is the rounded-up slope.
@@ -257,10 +344,79 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _as_sequence(value: object) -> object:
+    """Arrays and tensors as lists (``tolist``); anything else unchanged."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()  # type: ignore[union-attr]
+    return value
+
+
 def _check_num_splits(num_splits: object) -> int:
     if not _is_int(num_splits) or int(num_splits) < 1:  # type: ignore[call-overload]
-        raise ValueError(f"{SPLITS_ID} must be an integer >= 1, got {num_splits!r}.")
+        raise ValueError(
+            f"{SPLITS_ID}={num_splits!r} is not allowed; it must be an integer >= 1, or null to let the planner choose."
+        )
     return int(num_splits)  # type: ignore[call-overload]
+
+
+def _check_overlap(overlap: object) -> float:
+    value = _as_sequence(overlap)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or not 0.0 <= float(value) < 1.0
+    ):
+        raise ValueError(f"{OVERLAP_ID}={overlap!r} is not allowed; it must be a number in [0, 1).")
+    return float(value)
+
+
+def _check_roi(roi_size: object) -> tuple[int, int, int]:
+    value = _as_sequence(roi_size)
+    values = (value,) * 3 if _is_int(value) else value
+    if (
+        isinstance(values, (str, bytes))
+        or not isinstance(values, Sequence)
+        or len(values) != 3
+        or any(not _is_int(v) or v < 1 for v in values)
+    ):
+        raise ValueError(
+            f"{ROI_ID}={roi_size!r} is not allowed; it must be an integer or a list of 3 integers >= 1 "
+            "(latent voxels), or null to let the planner choose."
+        )
+    return int(values[0]), int(values[1]), int(values[2])
+
+
+def check_decode_settings(
+    roi_size: object, overlap: object, num_splits: object
+) -> tuple[tuple[int, int, int] | None, float, int | None]:
+    """
+    Check and normalise the three decode settings; the one check of them (the settings layer calls it).
+
+    Parameters
+    ----------
+    roi_size
+        ``autoencoder_sliding_window_infer_size``: the sliding-window roi in **latent** voxels (x4 in
+        image voxels), an integer (a cube) or 3 integers >= 1; ``None``: the planner chooses a whole or a
+        halo-tiled decode.
+    overlap
+        ``autoencoder_sliding_window_infer_overlap``: a number in [0, 1) (used by sliding windows).
+    num_splits
+        ``autoencoder_tp_num_splits``: an integer >= 1, honoured as given; ``None``: planned (the planner
+        chooses it, and the network definition's ``num_splits`` is not used for decoding).
+
+    Returns
+    -------
+    tuple
+        ``(roi_size, overlap, num_splits)``: a 3-tuple of int or ``None``, a float, an int or ``None``.
+
+    Raises
+    ------
+    ValueError
+        Naming the config id, the value and what is allowed.
+    """
+    roi = None if roi_size is None else _check_roi(roi_size)
+    return roi, _check_overlap(overlap), None if num_splits is None else _check_num_splits(num_splits)
 
 
 def set_autoencoder_splits(autoencoder: torch.nn.Module, num_splits: int) -> int:
@@ -323,6 +479,26 @@ def get_autoencoder_splits(autoencoder: torch.nn.Module) -> tuple[int, int] | No
     return max(found) if found else None
 
 
+def decoder_out_channels(autoencoder: torch.nn.Module) -> int:
+    """
+    Output channels of an autoencoder's decoder: those of the last convolution of ``autoencoder.decoder``.
+
+    Parameters
+    ----------
+    autoencoder
+        The autoencoder (``AutoencoderKlMaisi``).
+
+    Returns
+    -------
+    int
+        The channel count (1 for the MAISI image autoencoder, 125 for the mask generator's); 1 when the
+        module has no ``decoder`` with convolutions.
+    """
+    decoder = getattr(autoencoder, "decoder", None)
+    convolutions = [] if decoder is None else [m for m in decoder.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    return int(convolutions[-1].out_channels) if convolutions else 1
+
+
 def splits_compatible(length: int, num_splits: int) -> bool:
     """
     Whether ``MaisiConvolution`` splits a latent extent of ``length`` voxels exactly.
@@ -367,19 +543,6 @@ def _spatial_shape(latent_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape[-3], shape[-2], shape[-1]
 
 
-def _check_overlap(overlap: object) -> float:
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"{OVERLAP_ID} must be a number in [0, 1), got {overlap!r}.")
-    return float(overlap)
-
-
-def _check_roi(roi_size: object) -> tuple[int, int, int]:
-    values = (roi_size,) * 3 if _is_int(roi_size) else roi_size
-    if not isinstance(values, Sequence) or len(values) != 3 or any(not _is_int(v) or v < 1 for v in values):
-        raise ValueError(f"{ROI_ID} must be an integer or 3 integers >= 1 (latent voxels), got {roi_size!r}.")
-    return int(values[0]), int(values[1]), int(values[2])
-
-
 def clamp_roi(roi_size: Sequence[int], spatial_shape: Sequence[int]) -> tuple[int, int, int]:
     """
     Clamp a sliding-window roi to the latent size, per axis.
@@ -397,15 +560,6 @@ def clamp_roi(roi_size: Sequence[int], spatial_shape: Sequence[int]) -> tuple[in
         ``min(roi, size)`` per axis.
     """
     return tuple(min(int(r), int(s)) for r, s in zip(roi_size, spatial_shape))  # type: ignore[return-value]
-
-
-def _window_count(spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """Tiles of a sliding window, per axis ``ceil((size - roi) / interval) + 1`` (as MONAI enumerates them)."""
-    count = 1
-    for size, roi in zip(spatial_shape, clamp_roi(roi_size, spatial_shape)):
-        if roi < size:
-            count *= math.ceil((size - roi) / max(int(roi * (1.0 - overlap)), 1)) + 1
-    return count
 
 
 def count_sliding_windows(spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -437,24 +591,47 @@ def count_sliding_windows(spatial_shape: Sequence[int], roi_size: Sequence[int],
 @dataclass(frozen=True)
 class DecodePlan:
     """
-    How to decode one latent: whole or in sliding-window tiles, split count and stitching device.
+    How to decode one latent: whole, halo-tiled or sliding-window; split count and stitching device.
 
     Parameters
     ----------
     roi_size
-        Sliding-window roi in latent voxels, or ``None`` to decode the whole latent at once.
+        Sliding-window roi in latent voxels, or ``None`` for a whole or halo-tiled decode.
     overlap
         Sliding-window overlap ratio in [0, 1).
     num_splits
         ``autoencoder_tp_num_splits`` applied to the autoencoder.
     stitch_device
-        Device that receives the decoded image (and holds the sliding-window accumulators).
+        Device that receives the decoded image (and holds the stitch buffers of a tiled decode).
     num_tiles
-        Number of decoder calls (1 for a whole-volume decode).
+        Number of decoder calls (1 for a whole-volume decode; per pass for a halo-tiled one).
     estimated_peak_gb
-        Estimated peak memory on the decoding device, when the plan was made from a memory model.
+        Estimated peak memory on the decoding device (``resident_gb`` included), when the plan was
+        made from a memory model.
     budget_gb
         Memory budget the plan was made for, when known.
+    halo_core
+        Halo-tiled decode: the core size in latent voxels (the part of each tile kept); ``None``
+        otherwise.
+    halo
+        Halo-tiled decode: latent voxels decoded around each core, per axis and side.
+    group_norm
+        Halo-tiled decode: ``"tile"`` (tile statistics, one pass) or ``"exact"`` (whole-volume
+        statistics, one norm at a time: the whole-volume decode at several times the work); see
+        ``halo_decode.py``.
+    num_splits_source
+        ``"planned"`` when the planner chose ``num_splits``, ``"autoencoder_tp_num_splits"`` when it was
+        given.
+    out_channels
+        Output channels of the decoder the plan was made for.
+    resident_gb
+        Memory already in use that the budget also holds (e.g. the process), counted in the estimate.
+    stitch_gb
+        Planned size of the stitch buffers on ``stitch_device`` (the output image, and a sliding
+        window's weight map), when planned.
+    decoded_voxels
+        Latent voxels decoded in all (per pass), when planned: the latent's size for a whole decode,
+        more for tiles (their overlap or halos are decoded more than once).
     """
 
     roi_size: tuple[int, int, int] | None
@@ -464,6 +641,14 @@ class DecodePlan:
     num_tiles: int
     estimated_peak_gb: float | None = None
     budget_gb: float | None = None
+    halo_core: tuple[int, int, int] | None = None
+    halo: tuple[int, int, int] | None = None
+    group_norm: str = "tile"
+    num_splits_source: str = PLANNED
+    out_channels: int = 1
+    resident_gb: float = 0.0
+    stitch_gb: float | None = None
+    decoded_voxels: int | None = None
 
     def __post_init__(self) -> None:
         if self.roi_size is not None:
@@ -473,6 +658,26 @@ class DecodePlan:
         object.__setattr__(self, "stitch_device", torch.device(self.stitch_device))
         if self.num_tiles < 1:
             raise ValueError(f"num_tiles must be >= 1, got {self.num_tiles}.")
+        if (self.halo_core is None) != (self.halo is None):
+            raise ValueError("a halo-tiled plan needs both halo_core and halo.")
+        if self.halo_core is not None:
+            if self.roi_size is not None:
+                raise ValueError("a plan is either sliding-window (roi_size) or halo-tiled (halo_core), not both.")
+            object.__setattr__(self, "halo_core", _check_roi(self.halo_core))
+            object.__setattr__(self, "halo", _check_halo(self.halo))
+        if self.group_norm not in GROUP_NORM_MODES:
+            raise ValueError(f"group_norm must be one of {GROUP_NORM_MODES}, got {self.group_norm!r}.")
+        if self.num_splits_source not in (PLANNED, SPLITS_ID):
+            raise ValueError(f"num_splits_source must be {PLANNED!r} or {SPLITS_ID!r}, got {self.num_splits_source!r}.")
+        if not _is_int(self.out_channels) or self.out_channels < 1:
+            raise ValueError(f"out_channels must be an integer >= 1, got {self.out_channels!r}.")
+
+    @property
+    def kind(self) -> str:
+        """``"whole"``, ``"halo"`` or ``"sliding-window"``."""
+        if self.halo_core is not None:
+            return HALO
+        return WHOLE if self.roi_size is None else SLIDING
 
     def describe(self) -> str:
         """
@@ -481,18 +686,41 @@ class DecodePlan:
         Returns
         -------
         str
-            E.g. ``sliding-window decode: roi (80, 80, 80), overlap 0.4, 8 tiles, 4 splits, stitch on cpu``.
+            E.g. ``sliding-window decode: roi (80, 80, 80), overlap 0.4, 8 tiles, 4 splits
+            (autoencoder_tp_num_splits), stitch on cpu`` or ``halo-tiled decode: core (16, 16, 16),
+            halo (4, 4, 4), 4 tiles, tile group-norm statistics, 1 split (planned), stitch on cpu``.
         """
-        if self.roi_size is None:
+        if self.kind == WHOLE:
             text = "whole-volume decode"
+        elif self.kind == HALO:
+            text = (
+                f"halo-tiled decode: core {self.halo_core}, halo {self.halo}, {self.num_tiles} tiles, "
+                f"{self.group_norm} group-norm statistics"
+            )
         else:
             text = f"sliding-window decode: roi {self.roi_size}, overlap {self.overlap:g}, {self.num_tiles} tiles"
-        text += f", {self.num_splits} split{'s' if self.num_splits > 1 else ''}, stitch on {self.stitch_device}"
+        text += f", {self.num_splits} split{'s' if self.num_splits > 1 else ''} ({self.num_splits_source})"
+        if self.out_channels > 1:
+            text += f", {self.out_channels} output channels"
+        text += f", stitch on {self.stitch_device}"
+        if self.stitch_gb is not None and self.kind != WHOLE:
+            text += f" ({self.stitch_gb:.3g} GB)"
         if self.estimated_peak_gb is not None:
             text += f", estimated peak {self.estimated_peak_gb:.2f} GB"
+            if self.resident_gb > 0:
+                decode_gb = self.estimated_peak_gb - self.resident_gb
+                text += f" ({self.resident_gb:.2f} GB resident + {decode_gb:.2f} GB decode)"
             if self.budget_gb is not None:
                 text += f" of {self.budget_gb:.2f} GB budget"
         return text
+
+
+def _check_halo(halo: object) -> tuple[int, int, int]:
+    value = _as_sequence(halo)
+    values = (value,) * 3 if _is_int(value) else value
+    if not isinstance(values, Sequence) or len(values) != 3 or any(not _is_int(v) or v < 0 for v in values):
+        raise ValueError(f"halo={halo!r} is not allowed; it must be an integer or 3 integers >= 0 (latent voxels).")
+    return int(values[0]), int(values[1]), int(values[2])
 
 
 def _cgroup_available_bytes() -> int | None:
@@ -556,27 +784,112 @@ def available_memory_bytes(device: torch.device | str) -> int:
     return _host_available_bytes()
 
 
+def resident_memory_bytes(device: torch.device | str) -> int:
+    """
+    Memory this process holds now on ``device``: its resident set (``VmRSS``) on the host, or the memory
+    PyTorch has allocated on a CUDA device. Pass it as ``resident_gb`` to count the whole process against
+    a budget.
+
+    Parameters
+    ----------
+    device
+        The decoding device.
+
+    Returns
+    -------
+    int
+        Bytes (0 where the host does not report them).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device)) if torch.cuda.is_available() else 0
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _default_memory_model(device: torch.device) -> DecoderMemoryModel:
     return CUDA_DECODER_MEMORY if device.type == "cuda" else CPU_DECODER_MEMORY
 
 
 @dataclass(frozen=True)
 class _Candidate:
-    """A way to decode: ``tile`` (spatial, latent voxels) decoded at once; ``tiled`` = sliding window."""
+    """
+    A way to decode. ``tile`` is the largest latent block decoded at once; ``decoded`` the latent voxels
+    decoded in all; ``split_extents`` the window extents along the split axis (every one must split
+    exactly); ``core``/``halo`` are set for a halo-tiled decode.
+    """
 
+    kind: str
     tile: tuple[int, int, int]
-    tiled: bool
+    tiles: int
+    decoded: int
+    split_extents: tuple[int, ...]
+    core: tuple[int, int, int] | None = None
+    halo: tuple[int, int, int] | None = None
 
 
-def _auto_roi_candidates(spatial: tuple[int, int, int]) -> list[_Candidate]:
+def _whole_candidate(spatial: tuple[int, int, int], dim_split: int) -> _Candidate:
+    return _Candidate(WHOLE, spatial, 1, math.prod(spatial), (spatial[dim_split],))
+
+
+def _sliding_candidate(spatial: tuple[int, int, int], roi: tuple[int, int, int], overlap: float, dim_split: int) -> _Candidate:
+    if roi == spatial:
+        return _whole_candidate(spatial, dim_split)
+    tiles = count_sliding_windows(spatial, roi, overlap)
+    return _Candidate(SLIDING, roi, tiles, tiles * math.prod(roi), (roi[dim_split],))
+
+
+def _auto_roi_candidates(spatial: tuple[int, int, int], overlap: float, dim_split: int) -> list[_Candidate]:
     """Cubic rois, multiples of ``ROI_STEP``, largest first, down to ``MIN_ROI_SIZE``, clamped to the latent."""
     candidates: list[_Candidate] = []
     largest = max(spatial) - 1  # a roi covering every axis is the whole-volume candidate
     for size in range(largest - largest % ROI_STEP, MIN_ROI_SIZE - 1, -ROI_STEP):
         tile = clamp_roi((size,) * 3, spatial)
         if tile != spatial and (not candidates or tile != candidates[-1].tile):
-            candidates.append(_Candidate(tile, True))
+            candidates.append(_sliding_candidate(spatial, tile, overlap, dim_split))
     return candidates
+
+
+def _axis_options(size: int, halo: int) -> list[tuple[int, int, int, tuple[int, ...]]]:
+    """Per core size of one axis: ``(core, largest window, sum of windows, distinct window extents)``."""
+    options, seen = [], set()
+    for count in range(1, size + 1):
+        core = -(-size // count)
+        if core in seen or core < min(MIN_HALO_CORE, size):
+            continue
+        seen.add(core)
+        extents = [min(start + core + halo, size) - max(start - halo, 0) for start in range(0, size, core)]
+        options.append((core, max(extents), sum(extents), tuple(sorted(set(extents)))))
+    return options
+
+
+def _halo_candidates(spatial: tuple[int, int, int], halo: tuple[int, int, int], dim_split: int) -> list[_Candidate]:
+    """Every grid of cores (at least ``MIN_HALO_CORE`` per axis), cheapest first (decoded voxels, then tiles)."""
+    per_axis = [_axis_options(size, h) for size, h in zip(spatial, halo)]
+    candidates = []
+    for combo in itertools.product(*per_axis):
+        core = tuple(option[0] for option in combo)
+        if core == spatial:
+            continue  # one tile: the whole-volume candidate
+        tiles = math.prod(-(-size // c) for size, c in zip(spatial, core))
+        candidates.append(
+            _Candidate(
+                HALO,
+                tile=tuple(option[1] for option in combo),  # type: ignore[arg-type]
+                tiles=tiles,
+                decoded=math.prod(option[2] for option in combo),
+                split_extents=combo[dim_split][3],
+                core=core,  # type: ignore[arg-type]
+                halo=halo,
+            )
+        )
+    return sorted(candidates, key=lambda c: (c.decoded, c.tiles))
 
 
 @dataclass(frozen=True)
@@ -584,31 +897,32 @@ class _Planner:
     """The fixed inputs of one :func:`plan_decode` call and the searches over its candidates."""
 
     spatial: tuple[int, int, int]
-    overlap: float
     split_options: tuple[int, ...]
     dim_split: int
     model: DecoderMemoryModel
     usable_bytes: float
+    out_channels: int
 
-    @property
-    def output_bytes(self) -> int:
-        return OUTPUT_BYTES_PER_LATENT_VOXEL * math.prod(self.spatial)
+    def stitch_bytes(self, candidate: _Candidate) -> int:
+        """Buffers on the stitching device: the output image, and a sliding window's weight map."""
+        if candidate.kind == WHOLE:
+            return 0  # the decoder's own output, counted in its peak
+        channels = self.out_channels + (1 if candidate.kind == SLIDING else 0)
+        return channels * OUTPUT_BYTES_PER_LATENT_VOXEL * math.prod(self.spatial)
 
     def compatible_splits(self, candidate: _Candidate) -> list[int]:
-        return [s for s in self.split_options if splits_compatible(candidate.tile[self.dim_split], s)]
+        return [s for s in self.split_options if all(splits_compatible(e, s) for e in candidate.split_extents)]
 
     def estimate(self, candidate: _Candidate, num_splits: int, stitch_on_device: bool) -> float:
-        peak = self.model.decoder_peak_bytes(candidate.tile, num_splits)
-        if candidate.tiled and stitch_on_device:
-            peak += 2 * self.output_bytes  # SlidingWindowInferer's image and weight-count accumulators
+        if candidate.kind == HALO:
+            peak = self.model.halo_tile_peak_bytes(candidate.tile, num_splits)
+            peak += self.model.stage_store_bytes_per_latent_voxel * math.prod(self.spatial)
+        else:
+            peak = self.model.decoder_peak_bytes(candidate.tile, num_splits)
+        peak += self.model.output_tile_bytes(candidate.tile, self.out_channels)
+        if stitch_on_device:
+            peak += self.stitch_bytes(candidate)
         return peak
-
-    def cost(self, candidate: _Candidate) -> tuple[int, int]:
-        """(tiles, decoded latent voxels): fewest seams first, then the least recomputed overlap."""
-        if not candidate.tiled:
-            return 1, math.prod(self.spatial)
-        tiles = _window_count(self.spatial, candidate.tile, self.overlap)
-        return tiles, tiles * math.prod(candidate.tile)
 
     def fitting_splits(self, candidate: _Candidate, stitch_on_device: bool) -> int | None:
         """The first split count that decodes ``candidate`` exactly, within 32-bit indexing and the budget."""
@@ -620,24 +934,54 @@ class _Planner:
         return None
 
     def best_fit(self, candidates: Sequence[_Candidate], stitch_on_device: bool) -> tuple[_Candidate, int] | None:
-        """The cheapest candidate (see ``cost``) that fits, with its split count."""
+        """
+        The cheapest candidate that fits, with its split count: for halo tiles the fewest decoded voxels
+        (they are ordered so), otherwise the fewest tiles (seams), then the fewest decoded voxels.
+        """
         best: tuple[_Candidate, int] | None = None
         for candidate in candidates:
+            if best is not None and candidate.kind == HALO and best[0].kind in (WHOLE, HALO):
+                break  # halo candidates come cheapest first, and none is cheaper than a whole decode
             splits = self.fitting_splits(candidate, stitch_on_device)
             if splits is not None and (best is None or self.cost(candidate) < self.cost(best[0])):
                 best = (candidate, splits)
         return best
 
+    @staticmethod
+    def cost(candidate: _Candidate) -> tuple[int, int]:
+        if candidate.kind == SLIDING:
+            return candidate.tiles, candidate.decoded
+        return 0, candidate.decoded  # whole and halo decodes have no seams
+
     def fallback(self, candidates: Sequence[_Candidate]) -> tuple[_Candidate, int]:
         """The most memory-saving candidate that decodes exactly, for when nothing fits."""
-        for candidate in reversed(candidates):
+        for candidate in sorted(candidates, key=lambda c: math.prod(c.tile)):
             options = self.compatible_splits(candidate)
             if options:
                 indexable = [s for s in options if self.model.within_index_limit(candidate.tile, s, self.dim_split)]
                 return candidate, indexable[0] if indexable else options[-1]
         # only an explicit split count can be incompatible with every candidate
-        _check_split_axis(candidates[0].tile[self.dim_split], self.split_options[0])
+        _check_split_axis(candidates[0].split_extents[0], self.split_options[0])
         raise ValueError(f"{SPLITS_ID}={self.split_options[0]} cannot split any tile of the latent {self.spatial}.")
+
+
+def _best_choice(
+    planner: _Planner, candidates: Sequence[_Candidate], device: torch.device, budget: float
+) -> tuple[tuple[_Candidate, int], bool] | None:
+    """
+    The cheapest fitting candidate and whether it stitches on the decoding device: on the CPU always; on
+    another device when the stitch buffers are at most ``STITCH_FRACTION`` of the budget and keeping them
+    there does not force another candidate.
+    """
+    if device.type == "cpu":
+        choice = planner.best_fit(candidates, True)
+        return None if choice is None else (choice, True)
+    choice = planner.best_fit(candidates, False)
+    on_device = planner.best_fit(candidates, True)
+    small = on_device is not None and planner.stitch_bytes(on_device[0]) <= STITCH_FRACTION * budget
+    if small and (choice is None or on_device[0] == choice[0]):  # type: ignore[index]
+        return on_device, True  # type: ignore[return-value]
+    return None if choice is None else (choice, False)
 
 
 def _check_budget(memory_budget_gb: object) -> float | None:
@@ -663,30 +1007,41 @@ def plan_decode(
     *,
     dim_split: int = DEFAULT_DIM_SPLIT,
     memory_model: DecoderMemoryModel | None = None,
+    out_channels: int = 1,
+    resident_gb: float = 0.0,
+    halo: int | Sequence[int] | None = DEFAULT_HALO,
+    group_norm: str = DEFAULT_GROUP_NORM,
 ) -> DecodePlan:
     """
     Choose how to decode a latent within a memory budget.
 
-    Explicit values win: ``roi_size`` (``autoencoder_sliding_window_infer_size``), ``overlap``
-    (``autoencoder_sliding_window_infer_overlap``) and ``num_splits`` (``autoencoder_tp_num_splits``)
-    are used as given. What is left unset is chosen with ``memory_model`` (default:
-    :data:`CUDA_DECODER_MEMORY` on CUDA, :data:`CPU_DECODER_MEMORY` otherwise; calibration in
-    ``common/maisi/DECODE_MEMORY.md``) so that the estimated peak stays within ``BUDGET_FRACTION`` of
-    the budget:
+    Explicit values win: ``roi_size`` (``autoencoder_sliding_window_infer_size``) asks for a
+    sliding-window decode with that roi, ``overlap`` (``autoencoder_sliding_window_infer_overlap``) is
+    its overlap, and an explicit ``num_splits`` (``autoencoder_tp_num_splits``) is honoured as given.
+    ``num_splits=None`` means *planned*: the planner chooses the split count (the network definition's
+    own ``num_splits`` is not used), and :meth:`DecodePlan.describe` says which happened. What is left
+    unset is chosen with ``memory_model`` (default: :data:`CUDA_DECODER_MEMORY` on CUDA,
+    :data:`CPU_DECODER_MEMORY` otherwise; calibration in ``common/maisi/DECODE_MEMORY.md``) so that
+    the estimated peak stays within ``BUDGET_FRACTION`` of the budget left after ``resident_gb``:
 
     1. Decode the whole latent if it fits, with the first split count of 1, 2, 4, 8, 16 that splits
        it exactly (:func:`splits_compatible`), keeps every convolution chunk within 32-bit indexing
        (CUDA) and fits the budget.
-    2. Otherwise decode in sliding-window tiles. The rois are cubes clamped to the latent, multiples
-       of 4, from the latent size down to 16. Each roi gets the same split search. The roi chosen is
-       the one that fits with the fewest tiles, then the fewest decoded voxels (the least recomputed
-       overlap), so the roi shrinks as the budget shrinks.
+    2. Otherwise, without an explicit roi, decode in halo tiles (``halo_decode.py``): cores of at
+       least 4 latent voxels per axis, each decoded with ``halo`` latent voxels around it in the
+       full-resolution stage; the grid chosen is the one that fits with the fewest decoded voxels. A
+       halo-tiled decode keeps one half-resolution map of the whole volume
+       (``stage_store_bytes_per_latent_voxel``), so very large latents on small budgets do not fit.
+    3. Otherwise (or with ``halo=None``, or with an explicit roi) decode in sliding windows: cubic rois,
+       multiples of 4, from the latent size down to 16, the one that fits with the fewest tiles, then the
+       fewest decoded voxels.
 
-    When nothing fits, the smallest roi is returned with a warning. The image is stitched on the CPU
-    unless three things hold: the decoding device is not the CPU, the full-resolution image (4x the
-    latent per axis, 1 channel, float32) is at most ``STITCH_FRACTION`` of the budget, and stitching
-    on the device does not force a smaller tile. In the shipped models the cost per voxel does not
-    depend on the split count (measured), so splits only rise where 32-bit indexing needs them.
+    When nothing fits, the most memory-saving candidate is returned with a warning. The image is
+    stitched on the CPU unless three things hold: the decoding device is not the CPU, the stitch
+    buffers (``out_channels`` + 1 for a sliding window, ``out_channels`` for halo tiles, times the
+    full-resolution image in float32) are at most ``STITCH_FRACTION`` of the budget, and stitching on
+    the device does not force a smaller tile. On the CPU the buffers share the decoder's memory and are
+    always counted.
 
     Parameters
     ----------
@@ -696,18 +1051,28 @@ def plan_decode(
         Device the decoder runs on.
     roi_size
         Sliding-window roi in latent voxels (an int means a cube), clamped to the latent; a roi covering
-        the whole latent means a whole-volume decode. ``None``: automatic.
+        the whole latent means a whole-volume decode. ``None``: automatic (whole or halo tiles).
     overlap
         Sliding-window overlap ratio in [0, 1).
     num_splits
-        Split count; ``None``: automatic.
+        Split count, honoured; ``None``: planned.
     memory_budget_gb
-        Memory available for the decode, in GB (1e9 bytes). ``None``: what
-        :func:`available_memory_bytes` reports for ``device``.
+        Memory budget in GB (1e9 bytes), ``resident_gb`` included. ``None``: what
+        :func:`available_memory_bytes` reports for ``device`` plus ``resident_gb``.
     dim_split
         Spatial axis the autoencoder splits along (``dim_split`` of the network config).
     memory_model
         Peak-memory model; ``None``: the default for ``device``.
+    out_channels
+        Output channels of the decoder (1 for the image autoencoder, 125 for the mask generator's).
+    resident_gb
+        Memory already held that the budget must also hold, e.g. the whole process
+        (:func:`resident_memory_bytes`); 0 budgets the decode alone.
+    halo
+        Latent voxels decoded around each halo-tile core (an int for every axis); ``None`` disables halo
+        tiling. The default is the measured halo of the MAISI image decoder.
+    group_norm
+        Group-norm statistics of a halo-tiled decode: ``"tile"`` or ``"exact"`` (see :class:`DecodePlan`).
 
     Returns
     -------
@@ -719,36 +1084,49 @@ def plan_decode(
     ValueError
         For an invalid latent shape, ``autoencoder_sliding_window_infer_size``,
         ``autoencoder_sliding_window_infer_overlap``, ``autoencoder_tp_num_splits`` (including a split
-        count that cannot split the tile exactly), ``dim_split`` or ``memory_budget_gb``.
+        count that cannot split the tile exactly), ``dim_split``, ``memory_budget_gb``, ``out_channels``,
+        ``resident_gb``, ``halo`` or ``group_norm``.
     """
     spatial = _spatial_shape(latent_shape)
     device = torch.device(device)
-    overlap = _check_overlap(overlap)
-    roi = None if roi_size is None else clamp_roi(_check_roi(roi_size), spatial)
-    split_options = SPLIT_CHOICES if num_splits is None else (_check_num_splits(num_splits),)
+    roi, overlap, explicit_splits = check_decode_settings(roi_size, overlap, num_splits)
+    split_options = SPLIT_CHOICES if explicit_splits is None else (explicit_splits,)
     if dim_split not in (0, 1, 2):
         raise ValueError(f"dim_split must be 0, 1 or 2, got {dim_split!r}.")
+    if not _is_int(out_channels) or out_channels < 1:
+        raise ValueError(f"out_channels must be an integer >= 1, got {out_channels!r}.")
+    if isinstance(resident_gb, bool) or not isinstance(resident_gb, (int, float)) or not 0 <= resident_gb < math.inf:
+        raise ValueError(f"resident_gb must be a finite number >= 0, got {resident_gb!r}.")
+    halo_size = None if halo is None else _check_halo(halo)
+    if group_norm not in GROUP_NORM_MODES:
+        raise ValueError(f"group_norm must be one of {GROUP_NORM_MODES}, got {group_norm!r}.")
+    resident = float(resident_gb) * GB
     budget = _check_budget(memory_budget_gb)
     if budget is None:
-        budget = float(available_memory_bytes(device))
+        budget = float(available_memory_bytes(device)) + resident
     model = memory_model or _default_memory_model(device)
-    planner = _Planner(spatial, overlap, split_options, dim_split, model, BUDGET_FRACTION * budget)
+    usable = BUDGET_FRACTION * max(budget - resident, 0.0)
+    planner = _Planner(spatial, split_options, dim_split, model, usable, out_channels)
     if roi is not None:
-        candidates = [_Candidate(roi, roi != spatial)]
+        searches = [[_sliding_candidate(spatial, clamp_roi(roi, spatial), overlap, dim_split)]]
     else:
-        candidates = [_Candidate(spatial, False), *_auto_roi_candidates(spatial)]
-
-    stitch_on_device = device.type == "cpu"  # on the CPU the accumulators share the decoder's memory
-    choice = planner.best_fit(candidates, stitch_on_device)
-    if not stitch_on_device and planner.output_bytes <= STITCH_FRACTION * budget:
-        on_device = planner.best_fit(candidates, True)
-        if on_device is not None and (choice is None or on_device[0] == choice[0]):
-            choice, stitch_on_device = on_device, True
-    if choice is None:
+        sliding = [_whole_candidate(spatial, dim_split), *_auto_roi_candidates(spatial, overlap, dim_split)]
+        searches = [sliding] if halo_size is None else [_halo_candidates(spatial, halo_size, dim_split), sliding]
+        if halo_size is not None:
+            searches[0].insert(0, _whole_candidate(spatial, dim_split))
+    # halo tiles first (exact up to group-norm statistics); sliding windows when their stored map does not fit
+    found = None
+    for candidates in searches:
+        found = _best_choice(planner, candidates, device, budget)
+        if found is not None:
+            break
+    if found is None:
+        candidates = searches[-1]
+        stitch_on_device = device.type == "cpu"
         choice = planner.fallback(candidates)
         logger.warning(
             "decoding a latent of %s: estimated peak %.2f GB (%s, %s=%d) exceeds %.0f%% of the %.2f GB budget "
-            "or 32-bit indexing; set %s / %s or free memory.",
+            "left after %.2f GB resident, or 32-bit indexing; set %s / %s or free memory.",
             spatial,
             planner.estimate(*choice, stitch_on_device) / GB,
             model.name,
@@ -756,21 +1134,44 @@ def plan_decode(
             choice[1],
             100 * BUDGET_FRACTION,
             budget / GB,
+            resident / GB,
             ROI_ID,
             SPLITS_ID,
         )
+    else:
+        choice, stitch_on_device = found
     candidate, splits = choice
     plan = DecodePlan(
-        roi_size=candidate.tile if candidate.tiled else None,
+        roi_size=candidate.tile if candidate.kind == SLIDING else None,
         overlap=overlap,
         num_splits=splits,
         stitch_device=device if stitch_on_device else torch.device("cpu"),
-        num_tiles=count_sliding_windows(spatial, candidate.tile, overlap) if candidate.tiled else 1,
-        estimated_peak_gb=planner.estimate(candidate, splits, stitch_on_device) / GB,
+        num_tiles=candidate.tiles,
+        estimated_peak_gb=(resident + planner.estimate(candidate, splits, stitch_on_device)) / GB,
         budget_gb=budget / GB,
+        halo_core=candidate.core,
+        halo=candidate.halo,
+        group_norm=group_norm,
+        num_splits_source=PLANNED if explicit_splits is None else SPLITS_ID,
+        out_channels=out_channels,
+        resident_gb=resident / GB,
+        stitch_gb=planner.stitch_bytes(candidate) / GB,
+        decoded_voxels=candidate.decoded,
     )
     logger.info("latent %s on %s: %s", spatial, device, plan.describe())
     return plan
+
+
+def _check_halo_decoder(autoencoder: torch.nn.Module) -> None:
+    """Halo tiles call ``autoencoder.decoder``'s blocks one by one: refuse hooks they would skip, say what runs eagerly."""
+    inner = autoencoder.decoder
+    if inner._forward_hooks or inner._forward_pre_hooks:
+        raise ValueError(
+            "autoencoder.decoder has forward hooks, which a halo-tiled decode (it calls the decoder's blocks one "
+            "by one) would skip; plan with halo=None or set autoencoder_sliding_window_infer_size."
+        )
+    if getattr(inner, "_compiled_call_impl", None) is not None or hasattr(inner, "_trt_compiler"):
+        logger.warning("a halo-tiled decode runs the blocks of the compiled (torch.compile/TensorRT) decoder eagerly.")
 
 
 def decode_latent(
@@ -779,10 +1180,11 @@ def decode_latent(
     """
     Decode a latent as planned.
 
-    Applies ``plan.num_splits`` to the autoencoder, then decodes the whole latent or tiles it with
-    ``SlidingWindowInferer(roi_size, sw_batch_size=1, overlap, mode="gaussian", sw_device=latent.device,
-    device=plan.stitch_device)``. The roi is clamped to the latent per axis; a roi covering the latent
-    means a whole-volume decode. Runs under ``torch.no_grad()``, with float16 autocast only on CUDA.
+    Applies ``plan.num_splits`` to the autoencoder, then decodes the whole latent, in halo tiles
+    (``halo_decode.decode_with_halo``), or in sliding windows with ``SlidingWindowInferer(roi_size,
+    sw_batch_size=1, overlap, mode="gaussian", sw_device=latent.device, device=plan.stitch_device)``.
+    A sliding-window roi is clamped to the latent per axis; a roi covering the latent means a
+    whole-volume decode. Runs under ``torch.no_grad()``, with float16 autocast only on CUDA.
 
     Parameters
     ----------
@@ -793,7 +1195,7 @@ def decode_latent(
     plan
         The plan (see :func:`plan_decode`).
     progress
-        Show the sliding-window progress bar.
+        Show the tile progress bar.
 
     Returns
     -------
@@ -803,18 +1205,33 @@ def decode_latent(
     Raises
     ------
     ValueError
-        When the latent is not 5-D or the plan's split count cannot split the tile exactly.
+        When the latent is not 5-D, the plan's split count cannot split a tile exactly, or a halo-tiled
+        plan meets a decoder that is not a MAISI decoder or has attention (a receptive field of the whole
+        volume); plan such decoders with ``halo=None``.
     """
     if latent.ndim != 5:
         raise ValueError(f"latent must be (B, C, D, H, W), got shape {tuple(latent.shape)}.")
     spatial = tuple(int(s) for s in latent.shape[2:])
     roi = None if plan.roi_size is None else clamp_roi(plan.roi_size, spatial)
     tiled = roi is not None and roi != spatial
-    tile = roi if tiled else spatial
+    halo_tiled = plan.kind == HALO
+    if halo_tiled:
+        stages = decoder_stages(decoder.autoencoder)
+        if any(math.isinf(stage.radius) for stage in stages):
+            raise ValueError(
+                f"{type(decoder.autoencoder).__name__} has attention: its receptive field is the whole volume, so "
+                "halo tiles cannot reproduce a whole-volume decode; plan with halo=None."
+            )
+        _check_halo_decoder(decoder.autoencoder)
+        halos = [(stage.halo,) * 3 for stage in stages[:-1]] + [plan.halo]
+        extents = {t.window_shape for h in halos for t in halo_tiles(spatial, plan.halo_core, h)}  # type: ignore[arg-type]
+    else:
+        extents = {roi if tiled else spatial}  # type: ignore[arg-type]
 
     split_info = get_autoencoder_splits(decoder.autoencoder)
     if split_info is not None:
-        _check_split_axis(tile[split_info[1]], plan.num_splits)
+        for extent in sorted({e[split_info[1]] for e in extents}):
+            _check_split_axis(extent, plan.num_splits)
     set_autoencoder_splits(decoder.autoencoder, plan.num_splits)
 
     autocast = (
@@ -824,11 +1241,21 @@ def decode_latent(
     )
     logger.info("decoding latent %s: %s", tuple(latent.shape), plan.describe())
     with torch.no_grad(), autocast:
-        if not tiled:
+        if halo_tiled:
+            image = decode_with_halo(
+                decoder.autoencoder,
+                latent / decoder.scale_factor,
+                plan.halo_core,  # type: ignore[arg-type]
+                plan.halo,  # type: ignore[arg-type]
+                plan.stitch_device,
+                group_norm=plan.group_norm,
+                progress=progress,
+            )
+        elif not tiled:
             image = decoder(latent)
         else:
             inferer = SlidingWindowInferer(
-                roi_size=tile,
+                roi_size=roi,  # type: ignore[arg-type]
                 sw_batch_size=1,
                 overlap=plan.overlap,
                 mode="gaussian",

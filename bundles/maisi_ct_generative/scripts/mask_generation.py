@@ -53,7 +53,15 @@ from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 
 from .constants import BACKGROUND_LABEL, BODY_LABEL, CONTROLLABLE_ANATOMIES, TUMOR_LABELS
-from .decode import DEFAULT_DIM_SPLIT, DEFAULT_OVERLAP, LatentDecoder, decode_latent, get_autoencoder_splits, plan_decode
+from .decode import (
+    DEFAULT_DIM_SPLIT,
+    DEFAULT_OVERLAP,
+    LatentDecoder,
+    decode_latent,
+    decoder_out_channels,
+    get_autoencoder_splits,
+    plan_decode,
+)
 from .label_io import MASK_DTYPE, mask_spacing, resample_mask
 from .labels import body_region_indices_from_mask, label_id_of, load_json, load_label_dict, remove_tumors
 from .mask_augmentation import close_labels
@@ -549,6 +557,7 @@ def _decode_logits(
         num_splits=num_splits,
         memory_budget_gb=memory_budget_gb,
         dim_split=DEFAULT_DIM_SPLIT if splits is None else splits[1],
+        out_channels=decoder_out_channels(autoencoder),
     )
     return decode_latent(LatentDecoder(autoencoder, scale_factor), latent, plan, progress=progress)
 

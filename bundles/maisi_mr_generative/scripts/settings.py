@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .decode import BUDGET_ID, OVERLAP_ID, ROI_ID, SPLITS_ID
+from .decode import BUDGET_ID
+from .decode import check_decode_settings as check_decoder_knobs
 from .label_io import LABEL_FILE_EXTENSIONS
 from .report import jsonable
 from .checks import check_bool, check_files_exist, check_int_at_least
-from .value_checks import int_triple, is_int, is_real
+from .value_checks import is_real
 
 logger = logging.getLogger(__name__)
 
@@ -99,20 +100,13 @@ def check_decode_settings(roi_size: Any, overlap: Any, num_splits: Any, memory_b
     DecodeSettings
         the normalised knobs.
     """
-    roi = None if roi_size is None else int_triple(ROI_ID, roi_size)
-    if not is_real(overlap) or not 0.0 <= overlap < 1.0:
-        raise ValueError(f"{OVERLAP_ID}={overlap!r} is not allowed; it must be a number in [0, 1).")
-    if num_splits is not None and (not is_int(num_splits) or num_splits < 1):
-        raise ValueError(
-            f"{SPLITS_ID}={num_splits!r} is not allowed; it must be an integer >= 1 (honoured as given) or null "
-            "(planned: the decode planner chooses the split count)."
-        )
+    roi, overlap, num_splits = check_decoder_knobs(roi_size, overlap, num_splits)  # the decoder's own check
     if memory_budget_gb is not None and (not is_real(memory_budget_gb) or memory_budget_gb <= 0):
         raise ValueError(f"{BUDGET_ID}={memory_budget_gb!r} is not allowed; it must be a number of GB > 0 or null.")
     return DecodeSettings(
         roi_size=roi,
-        overlap=float(overlap),
-        num_splits=None if num_splits is None else int(num_splits),
+        overlap=overlap,
+        num_splits=num_splits,
         memory_budget_gb=None if memory_budget_gb is None else float(memory_budget_gb),
     )
 
@@ -433,6 +427,10 @@ class GenerationSettings:
             for position, request in enumerate(self.requests)
             for index in range(request.num_samples)
         ]
+
+    def uses_controlnet(self, request: RequestBase) -> bool:
+        """Whether generating ``request`` runs the ControlNet (it does when the run reads its weights)."""
+        return "trained_controlnet_path" in self.files.files
 
     def output_settings(self) -> dict[str, Any]:
         """The run-wide settings that change what a sample looks like (bundles extend it)."""

@@ -12,7 +12,7 @@
 The dry run (``configs/dry_run.json``): what a generation run would do, without loading any weight.
 
 It prints, as JSON: the normalised settings, every file the run needs with its size and whether it is present,
-the samples it would make, and per latent shape the decode plan.
+the samples it would make, and per latent shape the decode plan and the estimated peak memory and time.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 from .generation import latent_shape_of
 from .report import jsonable
+from .resources import estimate_generation_resources
 from .settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,22 @@ def describe_run(settings: GenerationSettings, decoder: Any) -> dict[str, Any]:
     Returns
     -------
     dict[str, Any]
-        ``{"settings", "files", "missing_files", "samples", "decode_plans"}``.
+        ``{"settings", "files", "missing_files", "samples", "decode_plans", "resource_estimates"}``; the
+        estimates (``resources.estimate_generation_resources``: peak memory and time per network, from
+        measured per-voxel costs) are per latent shape, for one sample.
     """
-    shapes = sorted({latent_shape_of(request.output_size) for request in settings.requests})
-    plans = {"x".join(str(s) for s in shape[1:]): decoder.plan(shape) for shape in shapes}
+    plans, estimates = {}, {}
+    for request in settings.requests:
+        shape = latent_shape_of(request.output_size)
+        key = "x".join(str(s) for s in shape[1:])
+        plans[key] = decoder.plan(shape)
+        uses_controlnet = settings.uses_controlnet(request)
+        estimate_key = f"{key} with ControlNet" if uses_controlnet else key
+        if estimate_key not in estimates:
+            estimate = estimate_generation_resources(
+                shape, decoder.device, settings.num_inference_steps, uses_controlnet, settings.cfg_guidance_scale > 0, plans[key]
+            )
+            estimates[estimate_key] = estimate.describe().splitlines()
     tasks = settings.tasks()
     files = settings.files.describe()
     return jsonable(
@@ -57,6 +70,7 @@ def describe_run(settings: GenerationSettings, decoder: Any) -> dict[str, Any]:
             "missing_files": [f["id"] for f in files if not f["present"]],
             "samples": {"count": len(tasks), "first": [t.stem for t in tasks[:10]]},
             "decode_plans": {shape: plan.describe() for shape, plan in plans.items()},
+            "resource_estimates": estimates,
         }
     )
 

@@ -298,6 +298,10 @@ class MRGenerationSettings(GenerationSettings):
                 raise in_row(where, error) from error
             self._record_mask_findings(request, where, findings)
 
+    def uses_controlnet(self, request: MRRequest) -> bool:
+        """Image-from-mask requests run the ControlNet; image-only requests do not."""
+        return request.mask_path is not None
+
     def load_mask(self, request: MRRequest) -> MRMask | None:
         """The request's mask at its geometry, mapped for the ControlNet; ``None`` for image-only requests."""
         if request.mask_path is None:
