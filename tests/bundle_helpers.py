@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "REPO_ROOT",
     "bundle_scripts",
     "error_chain",
+    "install_packaged_bundle",
     "parse_bundle_config",
     "run_bundle",
     "run_in_process",
@@ -82,3 +84,21 @@ def error_chain(error: BaseException) -> str:
         messages.append(f"{type(error).__name__}: {error}")
         error = error.__cause__ or error.__context__
     return "\n".join(messages)
+
+
+def install_packaged_bundle(bundle_dir: Path, work_dir: Path) -> Path:
+    """
+    Build the bundle's zip (``ci/package_bundle.py``) and install it as users do, with
+    ``python -m monai.bundle download --url file://...``; returns the installed bundle folder, which holds
+    exactly the packaged files (no weights, no outputs).
+    """
+    from ci.package_bundle import build_bundle_zip
+
+    archive = build_bundle_zip(bundle_dir, work_dir / "dist")
+    install_dir = work_dir / "installed"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "download", "--name", bundle_dir.name, "--url", archive.as_uri(),
+         "--bundle_dir", str(install_dir)],
+        check=True, capture_output=True, text=True, cwd=work_dir,
+    )  # fmt: skip
+    return install_dir / bundle_dir.name

@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bundle_helpers import BUNDLES_DIR, install_packaged_bundle  # noqa: E402  (needs the repository root on sys.path)
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
@@ -22,3 +24,11 @@ def one_torch_thread():
         yield
     torch.set_num_threads(previous)
 
+
+
+@pytest.fixture(scope="session")
+def installed_ct_bundle(tmp_path_factory):
+    """maisi_ct_generative as a user gets it: its packaged zip, installed with ``monai.bundle download``."""
+    installed = install_packaged_bundle(BUNDLES_DIR / "maisi_ct_generative", tmp_path_factory.mktemp("ct_zip"))
+    assert not (installed / "models").exists() and not (installed / ".generated-files").exists()
+    return installed

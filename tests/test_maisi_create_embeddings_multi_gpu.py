@@ -89,14 +89,16 @@ def test_latent_datalist_is_written_once_after_a_barrier(dataset, tmp_path, monk
     assert json.loads((tmp_path / "datalist.json").read_text()) == {"training": [{"image": "embeddings/sim_000_emb.nii.gz", "fold": 1}]}
 
 
-def test_two_processes_write_the_same_files_as_one(dataset):
+def test_two_processes_write_the_same_files_as_one(dataset, installed_ct_bundle):
+    """One process from the source bundle; two torchrun processes from the installed packaged zip."""
     root, overrides = dataset
     single, multi = root / "single", root / "multi"
     with bundle_scripts(BUNDLE):  # one process, in-process as `monai.bundle run` runs it
         parser = _parser(CONFIGS, {**overrides, "embedding_output_dir": str(single)})
         for section in ("initialize", "run", "finalize"):
             parser.get_parsed_content(section)
-    run_bundle(BUNDLE, [*CONFIGS, "multi_gpu_create_embeddings.json"], {**overrides, "embedding_output_dir": str(multi)}, torchrun_procs=2)
+    installed = {**overrides, "bundle_root": str(installed_ct_bundle), "embedding_output_dir": str(multi)}
+    run_bundle(installed_ct_bundle, [*CONFIGS, "multi_gpu_create_embeddings.json"], installed, torchrun_procs=2)
 
     one, two = _files(single), _files(multi)
     names = sorted(f"embeddings/sim_{i:03d}_emb.nii.gz{ext}" for i in range(NUM_IMAGES) for ext in ("", ".json"))

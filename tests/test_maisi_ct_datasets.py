@@ -150,10 +150,11 @@ def test_two_nodes_on_loopback_write_the_same_bytes_as_one_process(workspace, tm
     assert records == ["a_0000_seed0.json", "a_0001_seed1.json", "b_0000_seed2.json", "generation_report.json"]
 
 
-def test_image_only_ct(workspace, tmp_path):
+def test_image_only_ct(workspace, tmp_path, installed_ct_bundle):
+    """From the installed packaged zip, as a user runs it."""
     root, weights = workspace
-    overrides = _overrides(root, weights["rflow-ct"], tmp_path / "out")
-    run_in_process(BUNDLE, ["inference.json", "inference_image_only.json"], overrides)
+    overrides = {**_overrides(root, weights["rflow-ct"], tmp_path / "out"), "bundle_root": str(installed_ct_bundle)}
+    run_in_process(installed_ct_bundle, ["inference.json", "inference_image_only.json"], overrides)
     report = _report(tmp_path / "out")
     (sample,) = report["samples"]
     assert sample["mask_source"] == "none (image only)" and sample["quality_check"] is None and "label" not in sample

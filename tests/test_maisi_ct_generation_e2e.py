@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import BUNDLES_DIR, run_bundle, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 OUTPUT_SIZE = [256, 256, 128]
@@ -60,7 +60,8 @@ def _tiny_weights(models_dir, version):
         ("diffusion_unet_def", f"unet_{version}.pt", "unet_state_dict"),
         ("controlnet_def", f"controlnet_{version}.pt", "controlnet_state_dict"),
     ):
-        network = parser.get_parsed_content(net_id)
+        with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+            network = parser.get_parsed_content(net_id)
         for parameter in network.parameters():  # non-zero everywhere, so the ControlNet and UNet matter
             if parameter.dim() > 1 and not parameter.detach().abs().sum():
                 torch.nn.init.normal_(parameter, std=0.02)

@@ -341,16 +341,19 @@ def test_ms_ssim_and_mmd_known_answers(scripts):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_two_gloo_processes_give_exactly_the_single_process_figures(workspace, fid_run, tmp_path):
-    overrides = fid_overrides(workspace, tmp_path, center_slices_ratio=0.5)
-    run_bundle(BUNDLE, [*FID_CONFIGS, "multi_gpu_evaluate_fid.json"], overrides, torchrun_procs=2)  # ranks hold 2 and 1 volumes
+def test_two_gloo_processes_give_exactly_the_single_process_figures(workspace, fid_run, tmp_path, installed_ct_bundle):
+    """Two torchrun processes from the installed packaged zip against one process from the source bundle."""
+    overrides = fid_overrides(workspace, tmp_path, center_slices_ratio=0.5, bundle_root=str(installed_ct_bundle))
+    run_bundle(installed_ct_bundle, [*FID_CONFIGS, "multi_gpu_evaluate_fid.json"], overrides, torchrun_procs=2)  # 2 and 1 volumes
     single, multi = read_json(fid_run / "fid_report.json"), read_json(tmp_path / "fid_report.json")
     for key in ("fid_xy", "fid_yz", "fid_zx", "fid_avg", "num_slices"):
         assert multi[key] == single[key], key
     assert multi["settings"]["world_size"] == 2 and single["settings"]["world_size"] == 1
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 6  # every volume extracted once, by its rank
-    single_distribution = read_json(fid_run / "distribution_report.json")
-    assert read_json(tmp_path / "distribution_report.json") == single_distribution
+    single_distribution, multi_distribution = read_json(fid_run / "distribution_report.json"), read_json(tmp_path / "distribution_report.json")
+    for report, bundle in ((single_distribution, BUNDLE), (multi_distribution, installed_ct_bundle)):  # each bundle's own table
+        assert report["organ_hu_medians"].pop("statistics_json") == str(bundle / "configs/image_median_statistics_ct.json")
+    assert multi_distribution == single_distribution
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,12 +388,14 @@ def recon_overrides(root: Path, output: Path, **extra):
     }
 
 
-def test_autoencoder_reconstruction_report_known_answers(recon_workspace, tmp_path):
+def test_autoencoder_reconstruction_report_known_answers(recon_workspace, tmp_path, installed_ct_bundle):
+    """From the installed packaged zip, with its own scripts, as a user runs it."""
     overrides = recon_overrides(
         recon_workspace, tmp_path, validation_fold=None, write_reconstructions=True, num_worst_cases=1,
-        autoencoder_sliding_window_infer_size=[4, 4, 4], memory_budget_gb=2.0,
+        autoencoder_sliding_window_infer_size=[4, 4, 4], memory_budget_gb=2.0, bundle_root=str(installed_ct_bundle),
     )
-    run_in_process(RECON_CONFIGS, overrides)
+    with bundle_scripts(installed_ct_bundle):
+        run_in_process(RECON_CONFIGS, overrides, installed_ct_bundle)
     report = read_json(tmp_path / "reconstruction_report.json")
     assert report["num_cases"] == 3 and report["units"] == {"psnr": "dB", "ssim": "1", "mae": "HU"}
     for case in report["cases"]:
