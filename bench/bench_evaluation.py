@@ -61,7 +61,7 @@ from bench_maisi_ct import (  # noqa: E402
     describe_machine,
     import_bundle_scripts,
     non_negative_int,
-    peak_rss_mb,
+    peak_rss_mib,
     positive_int,
     reset_peak_rss,
     stats,
@@ -136,8 +136,8 @@ def measure(steps: Mapping[str, Callable[[], Any]], repetitions: int, warmup: in
             outputs[name] = step()
             wall[name].append(time.perf_counter() - start)
             cpu[name] += time.process_time() - cpu_start
-            peaks[name] = max(peaks[name], peak_rss_mb())
-    results = {name: {**stats(wall[name], "volume", cpu[name] / sum(wall[name])), "peak_rss_mib": peaks[name]} for name in steps}
+            peaks[name] = max(peaks[name], peak_rss_mib())
+    results = {name: {**stats(wall[name], cpu[name] / sum(wall[name])), "unit": "volume", "peak_rss_mib": peaks[name]} for name in steps}
     return results, outputs
 
 
@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import scripts.evaluation_recon  # noqa: F401  (the config's targets)
     from scripts.fid import FeatureBackbone, ResNetFeatures
 
-    machine = describe_machine(device)
+    machine = {**describe_machine(), "device": str(device)}
+    machine["load_average_1m"] = machine["load_average_start"][0] if machine["load_average_start"] else None
     network = ResNetFeatures("keras", **(TINY_BACKBONE if args.tiny else {})).to(device).eval()
     backbone = FeatureBackbone(network, "radimagenet_resnet50", "random weights", "none", device)
     volume = torch.from_numpy(ct_volume(args.shape, args.seed))

@@ -685,6 +685,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be an integer >= 0.")
+    return number
+
+
 def latent_list(value: str) -> list[int]:
     """argparse type: ``X,Y,Z``."""
     sizes = [positive_int(v) for v in value.split(",")]

@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = REPO_ROOT / "bundles" / "maisi_ct_generative"
 sys.path.insert(0, str(REPO_ROOT))
 
-from demo.runner import bundle_command  # noqa: E402
+from demo.runner import bundle_command, bundle_scripts  # noqa: E402
 
 OUTPUT_SIZE = [256, 256, 128]
 SPACING = [1.5, 1.5, 2.0]
@@ -75,7 +75,8 @@ def write_weights(models: Path, overrides: dict[str, Any]) -> dict[str, str]:
         ("diffusion_unet_def", "trained_diffusion_path", "unet_state_dict"),
         ("controlnet_def", "trained_controlnet_path", "controlnet_state_dict"),
     ):
-        state = parser.get_parsed_content(net_id).state_dict()
+        with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+            state = parser.get_parsed_content(net_id).state_dict()
         payload = state if key is None else {key: state}
         if key == "unet_state_dict":
             payload["scale_factor"] = torch.tensor(1.0)

@@ -26,6 +26,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from demo.runner import bundle_scripts
+
 # Attention only in the middle block (self-attention at >= 16k tokens is very slow on the CPU).
 _TINY_UNET = {
     "num_channels": [8, 16, 16],
@@ -120,7 +122,8 @@ def write_initial_weights(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for net_id, state_key in networks.items():
-        network = parser.get_parsed_content(net_id, instantiate=True)
+        with bundle_scripts(Path(bundle_dir)):  # the UNet's _target_ is the bundle's scripts.attention
+            network = parser.get_parsed_content(net_id, instantiate=True)
         for parameter in network.parameters():
             if parameter.dim() > 1 and not parameter.detach().abs().sum():
                 torch.nn.init.normal_(parameter, std=0.02)

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +77,24 @@ def run_bundle(
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed with {result.returncode}:\n{result.stdout[-6000:]}")
     return result
+
+
+@contextlib.contextmanager
+def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
+    """
+    Import ``<bundle_dir>/scripts`` as the package ``scripts`` for the duration of the block.
+
+    Tests of the canonical ``common/`` code import a bundle's copy of it (identical bytes: ``test_shared_code``).
+    """
+
+    def purge() -> None:
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+    purge()
+    sys.path.insert(0, str(bundle_dir))
+    try:
+        yield importlib.import_module("scripts")
+    finally:
+        sys.path.remove(str(bundle_dir))
+        purge()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from demo.runner import BUNDLES_DIR, REPO_ROOT, run_bundle
+from demo.runner import BUNDLES_DIR, REPO_ROOT, bundle_scripts, run_bundle
 
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
@@ -26,27 +23,6 @@ __all__ = [
     "run_bundle",
     "run_in_process",
 ]
-
-
-@contextlib.contextmanager
-def bundle_scripts(bundle_dir: Path) -> Iterator[ModuleType]:
-    """
-    Import ``<bundle_dir>/scripts`` as the package ``scripts`` for the duration of the block.
-
-    Tests of the canonical ``common/`` code import a bundle's copy of it (identical bytes: ``test_shared_code``).
-    """
-
-    def purge() -> None:
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
-
-    purge()
-    sys.path.insert(0, str(bundle_dir))
-    try:
-        yield importlib.import_module("scripts")
-    finally:
-        sys.path.remove(str(bundle_dir))
-        purge()
 
 
 def parse_bundle_config(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None) -> ConfigParser:

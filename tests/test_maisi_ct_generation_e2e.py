@@ -26,6 +26,9 @@ TINY = {
     **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
     **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
     "controlnet_def#conditioning_embedding_num_channels": [8, 8, 8],
+    # pinned: with null the planner follows the RAM free at the start (whole-volume decode or halo tiles, whose
+    # tile statistics change the values slightly), so reruns would not be comparable on a busy machine
+    "memory_budget_gb": 64.0,
 }
 VERSION_CONFIGS = {"rflow-ct": ["inference.json"], "ddpm-ct": ["inference.json", "inference_ddpm_ct.json"]}
 

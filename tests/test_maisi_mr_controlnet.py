@@ -60,7 +60,8 @@ def _tiny_weights(models_dir):
         ("autoencoder_def", "trained_autoencoder_path", None),
         ("diffusion_unet_def", "trained_diffusion_path", "unet_state_dict"),
     ):
-        network = parser.get_parsed_content(net_id)
+        with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+            network = parser.get_parsed_content(net_id)
         for parameter in network.parameters():  # a frozen UNet must respond to its inputs for the ControlNet to learn
             if parameter.dim() > 1 and not parameter.detach().abs().sum():
                 torch.nn.init.normal_(parameter, std=0.2)

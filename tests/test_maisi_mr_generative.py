@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import BUNDLES_DIR, run_bundle, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
 OUTPUT_SIZE = [128, 128, 128]
@@ -28,6 +28,9 @@ TINY = {
     **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
     **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
     "controlnet_def#conditioning_embedding_num_channels": [8, 8, 8],
+    # pinned: with null the planner follows the RAM free at the start (whole-volume decode or halo tiles, whose
+    # tile statistics change the values slightly), so reruns would not be comparable on a busy machine
+    "memory_budget_gb": 64.0,
 }
 VERSION_CONFIGS = {"rflow-mr": ["inference.json"], "rflow-mr-brain": ["inference.json", "inference_rflow_mr_brain.json"]}
 
@@ -56,7 +59,8 @@ def write_tiny_weights(models_dir: Path, bundle: Path = BUNDLE, seed: int = 0, w
         ("diffusion_unet_def", "trained_diffusion_path", "unet_state_dict"),
         ("controlnet_def", "trained_controlnet_path", "controlnet_state_dict"),
     ):
-        network = parser.get_parsed_content(net_id)
+        with bundle_scripts(bundle):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+            network = parser.get_parsed_content(net_id)
         for parameter in network.parameters():  # MONAI zero-inits output convs: randomise so every net matters
             if parameter.dim() > 1 and not parameter.detach().abs().sum():
                 torch.nn.init.normal_(parameter, std=0.02)

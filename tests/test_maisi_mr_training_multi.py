@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_helpers import run_bundle, run_in_process
+from bundle_helpers import bundle_scripts, run_bundle, run_in_process
 from demo.maisi_presets import MAISI_TINY, read_scalars
 from test_maisi_mr_training import BUNDLE, NUM_IMAGES, _parser, _train_overrides, prepare_mr_embeddings
 
@@ -34,7 +34,8 @@ def test_multi_gpu_overlay_with_gloo(workspace, tmp_path):
     assert len(losses) == NUM_IMAGES // 2 and all(np.isfinite(losses))  # each rank sees half; rank 0 logs
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes TensorBoard
     exported = torch.load(tmp_path / "diff_unet_3d_rflow-mr.pt", weights_only=True)
-    unet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("diffusion_unet_def")
+    with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+        unet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("diffusion_unet_def")
     unet.load_state_dict(exported["unet_state_dict"], strict=True)  # no DDP "module." prefix
     assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["epoch"] == 1
 
@@ -63,5 +64,6 @@ def test_controlnet_trains_on_the_embedded_mr_masks(workspace, tmp_path):
     losses = read_scalars(tmp_path / "tensorboard", "l1_loss")
     assert len(losses) == checkpoint["iteration"] and all(np.isfinite(losses))
     exported = torch.load(tmp_path / "controlnet.pt", weights_only=True)
-    controlnet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("controlnet_def")
+    with bundle_scripts(BUNDLE):
+        controlnet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("controlnet_def")
     controlnet.load_state_dict(exported["controlnet_state_dict"], strict=True)

@@ -66,7 +66,8 @@ def _tiny_weights(models_dir, version):
     torch.manual_seed(0)
     paths = {}
     for net_id, key in (("autoencoder_def", None), ("diffusion_unet_def", "unet_state_dict"), ("controlnet_def", "controlnet_state_dict")):
-        state = _randomised(parser.get_parsed_content(net_id)).state_dict()
+        with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+            state = _randomised(parser.get_parsed_content(net_id)).state_dict()
         payload = state if key is None else {key: state}
         if key == "unet_state_dict":
             payload["scale_factor"] = torch.tensor(1.0)
@@ -243,7 +244,9 @@ def test_mr_bundle_trains_on_mr_label_ids(workspace, tmp_path):
     parser = _parser(["inference.json"], {"bundle_root": str(mr_bundle), **TINY}, mr_bundle)
     torch.manual_seed(0)
     unet_path = tmp_path / "mr_unet.pt"
-    torch.save({"unet_state_dict": _randomised(parser.get_parsed_content("diffusion_unet_def")).state_dict(), "scale_factor": 1.0}, unet_path)
+    with bundle_scripts(mr_bundle):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+        unet_state = _randomised(parser.get_parsed_content("diffusion_unet_def")).state_dict()
+    torch.save({"unet_state_dict": unet_state, "scale_factor": 1.0}, unet_path)
     with bundle_scripts(mr_bundle):
         import scripts.embeddings as embeddings
 

@@ -109,7 +109,8 @@ def test_rflow_training_learns_exports_and_resumes_with_stored_scale_factor(work
 
         first = load_datalist(root / "embeddings/datalist_latents.json")[0]["image"]
         assert exported["scale_factor"] == pytest.approx(1.0 / read_latent(first).std().item(), rel=1e-5)
-    unet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("diffusion_unet_def")
+    with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+        unet = _parser(["inference.json"], MAISI_TINY).get_parsed_content("diffusion_unet_def")
     unet.load_state_dict(exported["unet_state_dict"], strict=True)
     checkpoint = torch.load(output / "checkpoint_last.pt", weights_only=True)
     assert checkpoint["epoch"] == 10 and checkpoint["iteration"] == 10 * NUM_IMAGES

@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, run_bundle, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
 from demo.maisi_presets import MAISI_TINY, MAISI_TINY_DIFFUSION_TRAINING, read_scalars, simulated_embeddings
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
@@ -27,7 +27,8 @@ def _unet(config_files):
     parser["bundle_root"] = str(BUNDLE)
     for key, value in MAISI_TINY.items():
         parser[key] = value
-    return parser.get_parsed_content("diffusion_unet_def")
+    with bundle_scripts(BUNDLE):  # the UNet's _target_ is scripts.attention.DiffusionModelUNetMaisi
+        return parser.get_parsed_content("diffusion_unet_def")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
