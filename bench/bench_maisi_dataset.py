@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--memory-budget-gb", type=float, default=8.0, help="decode budget of each process (pinned, so both runs plan alike)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -118,17 +119,22 @@ def main() -> None:
         root = Path(tmp)
         overrides = {**(TINY if args.tiny else {}), **write_weights(root / "models", TINY if args.tiny else {})}
         common = {"bundle_root": ".", "request_manifest": write_manifest(root, args.samples), "output_size": OUTPUT_SIZE,
-                  "spacing": SPACING, "num_inference_steps": args.steps, "quality_check_max_attempts": 1, "progress": False, **overrides}  # fmt: skip
+                  "spacing": SPACING, "num_inference_steps": args.steps, "quality_check_max_attempts": 1, "progress": False, "memory_budget_gb": args.memory_budget_gb, **overrides}  # fmt: skip
         single = run(bundle_command(["inference.json"], {**common, "output_dir": str(root / "one")}), cores)
         multi_command = bundle_command(["inference.json", "multi_gpu_inference.json"], {**common, "output_dir": str(root / "many")}, torchrun_procs=args.processes)
         multi = run(multi_command, max(1, cores // args.processes))
         same = all((root / "one" / p.name).read_bytes() == p.read_bytes() for p in (root / "many").glob("*_image.nii.gz"))
+        phases = {run: json.loads((root / run / "generation_report.json").read_text())["timings"] for run in ("one", "many")}
+        plans = sorted({s["decode_plan"] for s in json.loads((root / "one" / "generation_report.json").read_text())["samples"]})
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "load_average": os.getloadavg(), "cuda": torch.cuda.is_available()},
-        "settings": {"samples": args.samples, "steps": args.steps, "processes": args.processes, "tiny": args.tiny, "output_size": OUTPUT_SIZE},
+        "settings": {"samples": args.samples, "steps": args.steps, "processes": args.processes, "tiny": args.tiny, "output_size": OUTPUT_SIZE,
+                     "memory_budget_gb": args.memory_budget_gb},
         "one_process": {"wall_s": single, "samples_per_hour": 3600 * args.samples / single},
         f"{args.processes}_processes": {"wall_s": multi, "samples_per_hour": 3600 * args.samples / multi},
         "speed_up": single / multi,
+        "phase_seconds_summed_over_samples": phases,
+        "decode_plans": plans,
         "same_image_bytes": same,
     }
     text = json.dumps(result, indent=2)
