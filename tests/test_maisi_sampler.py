@@ -109,6 +109,29 @@ def test_controlnet_mask_changes_the_result(sampler):
     assert not torch.allclose(a, b)
 
 
+def test_conditioning_embedding_is_computed_once_per_loop_with_the_same_result(sampler):
+    """The loop embeds the mask once (guidance: once for the doubled batch), and equals a step-by-step reference."""
+    unet, controlnet = _networks()
+    conditions = _conditions(sampler)
+    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(0))
+    embedding = controlnet.controlnet_cond_embedding
+    calls = []
+    embedding.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    for guidance in (0.0, 3.0):
+        calls.clear()
+        sampled = sampler.sample_latent(unet, _rflow(), noise, conditions, 3, controlnet=controlnet, guidance_scale=guidance, progress=False)
+        assert calls == [2 if guidance else 1]  # one embedding for the three steps, of the doubled batch with guidance
+        assert controlnet.controlnet_cond_embedding is embedding  # restored after the loop
+        scheduler, latent = _rflow(), noise  # reference: every step through the plain ControlNet
+        guidance_conditions = conditions.with_guidance_batch() if guidance else None
+        with torch.no_grad():
+            for t, next_t in sampler.set_schedule(scheduler, 3, latent):
+                prediction = sampler.guided_prediction(unet, controlnet, latent, t.reshape(1), conditions, guidance_conditions, guidance)
+                latent, _ = scheduler.step(prediction, t, latent, next_t)
+        assert len(calls) == 4  # the reference embedded at every step
+        torch.testing.assert_close(sampled, latent, rtol=0, atol=0)
+
+
 def test_classifier_free_guidance_combines_branches(sampler):
     unet, controlnet = _networks()
     conditions = _conditions(sampler)

@@ -18,8 +18,9 @@ in the loop synchronises with the host, so a step costs one ControlNet forward p
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,51 @@ def set_schedule(scheduler: Scheduler, num_inference_steps: int, latent: torch.T
     return [(t, None) for t in scheduler.timesteps]
 
 
+class ConditioningEmbeddingMemo(torch.nn.Module):
+    """
+    Stands in for a ControlNet's ``controlnet_cond_embedding`` during one denoising loop: the condition (the
+    bit-plane mask) is the same tensor at every step, so its embedding, a stack of convolutions at the image's
+    full resolution, is computed at the first step and returned again while the input is that same tensor.
+
+    Parameters
+    ----------
+    embedding
+        the ControlNet's conditioning embedding.
+    """
+
+    def __init__(self, embedding: torch.nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        if self._input is not condition:
+            self._input, self._output = condition, self.embedding(condition)
+        return self._output
+
+
+@contextlib.contextmanager
+def conditioning_embedding_computed_once(controlnet: torch.nn.Module | None) -> Iterator[None]:
+    """
+    Within the block, ``controlnet`` embeds each condition tensor once (:class:`ConditioningEmbeddingMemo`).
+
+    Applies only without gradients (inference) and to an eager ControlNet that has the MAISI
+    ``controlnet_cond_embedding``; a compiled ControlNet (``configs/inference_compile.json``) is left as it is,
+    since swapping one of its modules would make it recompile. The embedding is restored on exit.
+    """
+    embedding = getattr(controlnet, "controlnet_cond_embedding", None)
+    compiled = getattr(controlnet, "_compiled_call_impl", None) is not None
+    if embedding is None or compiled or torch.is_grad_enabled():
+        yield
+        return
+    controlnet.controlnet_cond_embedding = ConditioningEmbeddingMemo(embedding)
+    try:
+        yield
+    finally:
+        controlnet.controlnet_cond_embedding = embedding
+
+
 @torch.no_grad()
 def sample_latent(
     unet: torch.nn.Module,
@@ -204,15 +250,16 @@ def sample_latent(
     stochastic = not isinstance(scheduler, RFlowScheduler)
     latent = noise
     schedule = set_schedule(scheduler, num_inference_steps, latent)
-    for index, (t, next_t) in enumerate(tqdm(schedule, desc="denoising", unit="step", disable=not progress)):
-        timesteps = t.reshape(1).expand(latent.shape[0])
-        prediction = guided_prediction(unet, controlnet, latent, timesteps, conditions, guidance_conditions, guidance_scale)
-        if stochastic:
-            latent, _ = scheduler.step(prediction, t, latent, generator=generator)
-        else:
-            latent, _ = scheduler.step(prediction, t, latent, next_t)
-        if step_callback is not None:
-            step_callback(index, latent)
+    with conditioning_embedding_computed_once(controlnet):
+        for index, (t, next_t) in enumerate(tqdm(schedule, desc="denoising", unit="step", disable=not progress)):
+            timesteps = t.reshape(1).expand(latent.shape[0])
+            prediction = guided_prediction(unet, controlnet, latent, timesteps, conditions, guidance_conditions, guidance_scale)
+            if stochastic:
+                latent, _ = scheduler.step(prediction, t, latent, generator=generator)
+            else:
+                latent, _ = scheduler.step(prediction, t, latent, next_t)
+            if step_callback is not None:
+                step_callback(index, latent)
     return latent
 
 
