@@ -124,8 +124,9 @@ def main() -> None:
         multi_command = bundle_command(["inference.json", "multi_gpu_inference.json"], {**common, "output_dir": str(root / "many")}, torchrun_procs=args.processes)
         multi = run(multi_command, max(1, cores // args.processes))
         same = all((root / "one" / p.name).read_bytes() == p.read_bytes() for p in (root / "many").glob("*_image.nii.gz"))
-        phases = {run: json.loads((root / run / "generation_report.json").read_text())["timings"] for run in ("one", "many")}
-        plans = sorted({s["decode_plan"] for s in json.loads((root / "one" / "generation_report.json").read_text())["samples"]})
+        reports = {run: json.loads((root / run / "generation_report.json").read_text()) for run in ("one", "many")}
+        phases = {run: report["timings"] for run, report in reports.items()}
+        plans = sorted({sample["decode_plan"] for report in reports.values() for sample in report["samples"]})
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "load_average": os.getloadavg(), "cuda": torch.cuda.is_available()},
         "settings": {"samples": args.samples, "steps": args.steps, "processes": args.processes, "tiny": args.tiny, "output_size": OUTPUT_SIZE,

@@ -11,9 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_bundle
 from demo.maisi_presets import MAISI_TINY, MAISI_TINY_DIVISIBLE_K, simulate_ct_dataset, write_datalist, write_initial_weights
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
@@ -25,11 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parser(config_files, overrides):
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in config_files])
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+    return parse_bundle_config(BUNDLE, config_files, overrides)
 
 
 @pytest.fixture(scope="module")

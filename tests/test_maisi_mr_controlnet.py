@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_in_process
 from test_maisi_mr_generative import TINY
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
@@ -31,11 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parser(config_files, overrides):
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in config_files])
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+    return parse_bundle_config(BUNDLE, config_files, overrides)
 
 
 def _pair(rng):

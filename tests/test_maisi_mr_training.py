@@ -14,9 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_in_process
 from demo.maisi_presets import MAISI_TINY, MAISI_TINY_DIFFUSION_TRAINING, MAISI_TINY_DIVISIBLE_K, read_scalars, write_initial_weights
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
@@ -58,12 +57,7 @@ def simulate_mr_dataset(folder: Path, num_images: int = NUM_IMAGES, shape=SHAPE,
 
 
 def _parser(config_files, overrides):
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in config_files])
-    parser["bundle_root"] = str(BUNDLE)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+    return parse_bundle_config(BUNDLE, config_files, {"bundle_root": str(BUNDLE), **overrides})
 
 
 def prepare_mr_embeddings(root: Path) -> dict[str, str]:

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigParser
 from monai.engines import IterationEvents
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_bundle
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 CONFIGS = ["inference.json", "train_controlnet.json"]
@@ -37,11 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parser(config_files, overrides, bundle=BUNDLE):
-    parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / name) for name in config_files])
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+    return parse_bundle_config(bundle, config_files, overrides)
 
 
 def _messages(error: BaseException | None) -> str:

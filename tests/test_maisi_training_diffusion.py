@@ -14,9 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
-from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_in_process
 from demo.maisi_presets import (
     MAISI_TINY,
     MAISI_TINY_DIFFUSION_TRAINING,
@@ -32,12 +31,7 @@ ABDOMEN = [0, 0, 1, 0]
 
 
 def _parser(config_files, overrides):
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in config_files])
-    parser["bundle_root"] = str(BUNDLE)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+    return parse_bundle_config(BUNDLE, config_files, {"bundle_root": str(BUNDLE), **overrides})
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from tqdm import tqdm
 
 from .label_io import load_label_file, resample_mask
@@ -163,20 +164,37 @@ class MRMask:
     controlnet_ids: torch.Tensor
 
 
-def load_mr_mask(path: Any, output_size: Sequence[int], spacing: Sequence[float], mapping: Mapping[int, int]) -> MRMask:
+def read_mr_mask(path: Any) -> MetaTensor:
     """
-    Load, check, resample (nearest, pad/crop) and encode an MR ``mask_path``.
+    Read an MR ``mask_path`` as a label map, at its own geometry.
 
     Raises
     ------
     ValueError
-        naming ``mask_path`` (missing file, not a label map, no foreground at the requested geometry) or
-        ``controlnet_label_mapping`` (ids above 255 without a mapping entry).
+        naming ``mask_path`` (missing file, not a label map).
     """
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         raise ValueError(f"mask_path={str(path)!r} does not exist or is not a file.")
     try:
-        mask = resample_mask(load_label_file(path, "cpu", strict=True), spacing, output_size)
+        return load_label_file(path, "cpu", strict=True)
+    except ValueError as error:
+        raise ValueError(f"mask_path={str(path)!r}: {error}") from error
+
+
+def encode_mr_mask(
+    raw: MetaTensor, path: Any, output_size: Sequence[int], spacing: Sequence[float], mapping: Mapping[int, int]
+) -> MRMask:
+    """
+    Resample (nearest, pad/crop) the label map ``raw`` of ``mask_path`` to the request and encode it for the ControlNet.
+
+    Raises
+    ------
+    ValueError
+        naming ``mask_path`` (no foreground at the requested geometry) or ``controlnet_label_mapping`` (ids above
+        255 without a mapping entry).
+    """
+    try:
+        mask = resample_mask(raw, spacing, output_size)
     except ValueError as error:
         raise ValueError(f"mask_path={str(path)!r}: {error}") from error
     if not bool((mask > 0).any()):
@@ -189,6 +207,11 @@ def load_mr_mask(path: Any, output_size: Sequence[int], spacing: Sequence[float]
     except ValueError as error:
         raise ValueError(f"mask_path={str(path)!r}: {error} Add the ids to controlnet_label_mapping.") from error
     return MRMask(source=f"user:{path}", labels=mask.as_tensor(), controlnet_ids=encoded)
+
+
+def load_mr_mask(path: Any, output_size: Sequence[int], spacing: Sequence[float], mapping: Mapping[int, int]) -> MRMask:
+    """Read, check, resample and encode an MR ``mask_path`` (:func:`read_mr_mask`, :func:`encode_mr_mask`)."""
+    return encode_mr_mask(read_mr_mask(path), path, output_size, spacing, mapping)
 
 
 class MRGenerationSettings(GenerationSettings):
@@ -285,8 +308,8 @@ class MRGenerationSettings(GenerationSettings):
         known_ids = {**self.label_dict, **{f"controlnet_label_mapping[{s}]": s for s in self.controlnet_label_mapping}}
         for request, where in tqdm(with_masks, desc="checking masks", unit="mask", disable=not self.progress or len(with_masks) < 2):
             try:
-                self.load_mask(request)  # resampled and mapped for the ControlNet: raises when unusable
-                raw = load_label_file(request.mask_path, "cpu", strict=True)
+                raw = read_mr_mask(request.mask_path)  # read once: encoded here to check it, summarised below
+                encode_mr_mask(raw, request.mask_path, request.output_size, request.spacing, self.controlnet_label_mapping)
                 findings = check_user_mask(
                     summarize_mask(raw, raw.affine, request.mask_path),
                     MaskRequest(request.spacing, request.output_size, "mr", self.mask_check_strict),
