@@ -143,11 +143,12 @@ def peak_rss_mib() -> float:
     Peak resident set of this process, MiB: ``VmHWM`` (whole process, absolute), else ``ru_maxrss``.
 
     ``ru_maxrss`` alone is useless in a subprocess: Linux carries the parent's high-water mark over
-    ``fork`` + ``exec``.
+    ``fork`` + ``exec``. ``VmHWM`` can lag ``VmRSS`` by a few pages (the kernel folds per-thread RSS counters
+    in lazily), so the peak is never reported below the current resident set.
     """
     hwm = _status_mib("VmHWM")
     if hwm is not None:
-        return hwm
+        return max(hwm, rss_mib())
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
