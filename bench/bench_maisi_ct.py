@@ -479,7 +479,7 @@ def _timed_peak(operation: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, di
         "seconds": wall,
         "cpu_per_wall": (time.process_time() - cpu_start) / wall,
         "resident_mib": resident,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": max(peak_rss_mib(), resident),  # the call's peak includes its start
     }
 
 
