@@ -14,6 +14,7 @@ import pytest
 import yaml
 from monai.bundle import ConfigParser
 
+import ci.verify_bundle
 from ci.verify_bundle import BundleVerificationError, main, verify_bundle
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_bundle"
@@ -240,6 +241,32 @@ def test_forward_fails_on_declared_input(bundle: Path) -> None:
         lambda meta: meta["network_data_format"]["inputs"]["image"].update(num_channels=3),
     )
     assert "'network_def' forward pass on the inputs of 'network_data_format' failed" in problems_of(bundle)
+
+
+def test_declared_shapes_are_checked_on_the_meta_device(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weights are allocated for the shape checks (the full-size MAISI networks hold ~700 M parameters)."""
+    devices: list[str] = []
+    original = ci.verify_bundle._forward
+
+    def recording(net: Any, tensors: Any, names: Any) -> list[Any]:
+        devices.append(ci.verify_bundle._parameter_device(net).type)
+        outputs = original(net, tensors, names)
+        devices.extend(output.device.type for output in outputs)
+        return outputs
+
+    monkeypatch.setattr(ci.verify_bundle, "_forward", recording)
+    verify_bundle(bundle)
+    assert devices == ["meta"] * (1 + 1) + ["meta"] * (1 + 3)  # network_def (1 output), autoencoder_def (3)
+
+
+def test_forward_that_reads_values_runs_again_on_the_cpu(bundle: Path, built: list[str]) -> None:
+    net_file = bundle / "scripts/tiny_net.py"
+    reading = "hidden = self.conv_in(x) * float(x.abs().max().item() >= 0)"  # .item() cannot run on meta tensors
+    net_file.write_text(net_file.read_text().replace("hidden = self.conv_in(x)", reading))
+    verify_bundle(bundle)
+    assert built.count("network_def") == 2  # on meta for the build check, then on the CPU for its forward
+    net_file.write_text(net_file.read_text().replace("return self.conv_out(torch.relu(hidden))", "return hidden"))
+    assert "output 'pred' has shape [1, 4, 8, 8], declared [1, 1, 8, 8]" in problems_of(bundle)  # the CPU's outputs
 
 
 def test_data_format_without_definition(bundle: Path) -> None:
