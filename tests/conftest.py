@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundle_helpers import BUNDLES_DIR, install_packaged_bundle  # noqa: E402  (needs the repository root on sys.path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """
+    Under ``pytest -n N`` (pytest-xdist) give each of the N workers its share of the cores, here and in the runs it starts.
+
+    Without this every worker and every bundle run it starts would use all cores, and on a 2-core machine the
+    oversubscribed threads spin-wait.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
