@@ -182,6 +182,15 @@ def test_num_tiles_matches_monai_and_the_published_example(decode):
         counter = _CountingDecoder(decoder)
         decode.decode_latent(decoder, _latent(*spatial), decode.DecodePlan(roi, overlap, 1, CPU, 1), progress=False)
         assert counter.calls == decode.count_sliding_windows(spatial, roi, overlap) > 1, (spatial, roi, overlap)
+    from monai.data.utils import dense_patch_slices  # counted without listing them, as many as MONAI lists
+
+    for spatial in [(1, 7, 16), (9, 13, 31), (33, 20, 18)]:
+        for roi in [(1, 1, 1), (3, 5, 8), (8, 8, 8), (16, 16, 16), (80, 80, 80)]:
+            for overlap in (0.0, 0.25, 0.4, 0.5, 0.6666, 0.9):
+                clamped = decode.clamp_roi(roi, spatial)
+                interval = [r if r == n else max(int(r * (1 - overlap)), 1) for r, n in zip(clamped, spatial)]
+                expected = len(dense_patch_slices(spatial, clamped, interval))
+                assert decode.count_sliding_windows(spatial, roi, overlap) == expected, (spatial, roi, overlap)
 
 
 def test_plan_honours_explicit_values(decode):

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 
 from .halo_decode import GROUP_NORM_MODES, decode_with_halo, decoder_stages, halo_tiles
@@ -566,8 +565,9 @@ def count_sliding_windows(spatial_shape: Sequence[int], roi_size: Sequence[int],
     """
     Number of tiles ``SlidingWindowInferer`` decodes for a latent of ``spatial_shape``.
 
-    Uses MONAI's scan interval (``int(roi * (1 - overlap))``, or the roi when it spans the axis) and
-    ``monai.data.utils.dense_patch_slices``.
+    Uses MONAI's scan interval (``int(roi * (1 - overlap))``, or the roi when it spans the axis) and counts
+    the window positions of ``monai.data.utils.dense_patch_slices`` per axis, ``ceil((size - roi) / interval) + 1``,
+    without listing them (a 512^3 latent has over a million small windows, and the planner counts many rois).
 
     Parameters
     ----------
@@ -584,8 +584,11 @@ def count_sliding_windows(spatial_shape: Sequence[int], roi_size: Sequence[int],
         Number of tiles (1 when the roi covers the latent).
     """
     roi = clamp_roi(roi_size, spatial_shape)
-    interval = [r if r == s else max(int(r * (1.0 - overlap)), 1) for r, s in zip(roi, spatial_shape)]
-    return len(dense_patch_slices(tuple(spatial_shape), roi, interval))
+    count = 1
+    for r, size in zip(roi, spatial_shape):
+        interval = r if r == size else max(int(r * (1.0 - overlap)), 1)
+        count *= -(-(int(size) - r) // interval) + 1
+    return count
 
 
 @dataclass(frozen=True)
