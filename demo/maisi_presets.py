@@ -36,10 +36,13 @@ _TINY_UNET = {
     "num_res_blocks": 1,
     "norm_num_groups": 8,
 }
+# 2 channels at every level and no residual blocks (the blocks that change the width between levels): images
+# are decoded at the bundles' real output sizes (CT: at least 256x256x128, 8.4 M voxels), where a decode costs
+# what its full-resolution stage costs.
 MAISI_TINY_AUTOENCODER = {
-    "autoencoder_def#num_channels": [8, 8, 8],
-    "autoencoder_def#num_res_blocks": [1, 1, 1],
-    "autoencoder_def#norm_num_groups": 8,
+    "autoencoder_def#num_channels": [2, 2, 2],
+    "autoencoder_def#num_res_blocks": [0, 0, 0],
+    "autoencoder_def#norm_num_groups": 2,
 }
 MAISI_TINY_UNET = {f"diffusion_unet_def#{key}": value for key, value in _TINY_UNET.items()}
 MAISI_TINY_CONTROLNET = {

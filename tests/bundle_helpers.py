@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUNDLES_DIR",
-    "LEAN_MAISI_AUTOENCODER",
     "REPO_ROOT",
     "bundle_scripts",
     "error_chain",
@@ -24,16 +23,6 @@ __all__ = [
     "run_bundle",
     "run_in_process",
 ]
-
-# A MAISI autoencoder (``autoencoder_def`` overrides) 2 channels wide at every level, with no residual blocks (the
-# blocks that change the width between levels, so the width is the same everywhere). The generation tests decode at
-# the bundles' real output sizes (CT: at least 256x256x128, 8.4 M voxels), where a decode costs what its
-# full-resolution stage costs.
-LEAN_MAISI_AUTOENCODER = {
-    "autoencoder_def#num_channels": [2, 2, 2],
-    "autoencoder_def#num_res_blocks": [0, 0, 0],
-    "autoencoder_def#norm_num_groups": 2,
-}
 
 
 def parse_bundle_config(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping[str, Any] | None = None) -> ConfigParser:

@@ -11,7 +11,8 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import BUNDLES_DIR, LEAN_MAISI_AUTOENCODER, bundle_scripts, run_bundle, run_in_process
+from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
+from demo.maisi_presets import MAISI_TINY_AUTOENCODER
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 OUTPUT_SIZE = [256, 256, 128]
@@ -20,7 +21,7 @@ DATABASE_LABELS = {1, 3, 200}  # liver, spleen, body
 
 TINY_UNET = {"num_channels": [8, 16, 16], "attention_levels": [False, False, False], "num_head_channels": [0, 0, 8], "num_res_blocks": 1, "norm_num_groups": 8}  # attention only in the middle block, at 2k tokens
 TINY = {
-    **LEAN_MAISI_AUTOENCODER,  # the decode runs at the full 256x256x128 (CT) size
+    **MAISI_TINY_AUTOENCODER,  # the decode runs at the full 256x256x128 (CT) size
     **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
     **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
     "controlnet_def#conditioning_embedding_num_channels": [2, 4, 4],
