@@ -50,6 +50,9 @@ logger = logging.getLogger("gpu_check")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = REPO_ROOT / "bundles" / "maisi_ct_generative"
+sys.path.insert(0, str(REPO_ROOT))
+
+from demo.maisi_presets import MAISI_TINY_AUTOENCODER  # noqa: E402
 SPACING = {(256, 256, 128): (1.5, 1.5, 2.0), (512, 512, 512): (1.0, 1.0, 1.0)}
 # MAISI docs/performance.md, A100 80 GB, rflow-ct: (peak GB, VAE s, DM s) of the published configs
 PUBLISHED_A100 = {
@@ -57,9 +60,7 @@ PUBLISHED_A100 = {
     (512, 512, 512): {"peak_gb": 45.3, "decode_s": 32.0, "diffusion_s": 19.0, "config": "80g, roi [80,80,80], 2 splits"},
 }
 TINY_NETWORKS: dict[str, Any] = {
-    "autoencoder_def#num_channels": [8, 8, 8],
-    "autoencoder_def#norm_num_groups": 8,
-    "autoencoder_def#num_res_blocks": [1, 1, 1],
+    **MAISI_TINY_AUTOENCODER,  # the tests' tiny autoencoder: the pair decodes at 256x256x128
     "diffusion_unet_def#num_channels": [8, 16, 16, 16],
     "diffusion_unet_def#num_head_channels": [0, 0, 8, 8],
     "diffusion_unet_def#num_res_blocks": 1,
