@@ -1,6 +1,6 @@
 # One-command entry points on a fresh clone (Python 3.11):
 #   make demo   set up .venv and run the end-to-end demo on generated data (CPU, a few minutes)
-#   make test   set up .venv and run the whole test suite (what CI runs)
+#   make test   set up .venv and run the whole test suite (what CI runs), one pytest worker per core (at most 4)
 PYTHON ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
@@ -19,7 +19,7 @@ demo: setup
 	$(VENV_PYTHON) -m demo.run_demo --output-dir demo_output
 
 test: setup
-	$(VENV_PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(VENV_PYTHON) -m pytest tests -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
 verify: setup
 	$(VENV_PYTHON) ci/verify_bundle.py bundles/*
