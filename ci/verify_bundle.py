@@ -647,7 +647,7 @@ def _forward_on_meta_or_cpu(
 
 def _parameter_device(net: torch.nn.Module) -> torch.device:
     """The device of the first parameter of ``net`` (the CPU for a network without parameters)."""
-    return next(iter(net.parameters()), torch.empty(0, device="cpu")).device
+    return next((parameter.device for parameter in net.parameters()), torch.device("cpu"))
 
 
 def _forward(net: torch.nn.Module, tensors: Sequence[torch.Tensor], names: Sequence[str]) -> list[Any]:

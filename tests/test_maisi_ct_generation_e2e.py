@@ -12,18 +12,17 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
-from demo.maisi_presets import MAISI_TINY_AUTOENCODER
+from demo.maisi_presets import MAISI_TINY_AUTOENCODER, MAISI_TINY_CONTROLNET, MAISI_TINY_UNET
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 OUTPUT_SIZE = [256, 256, 128]
 SPACING = [1.5, 1.5, 2.0]
 DATABASE_LABELS = {1, 3, 200}  # liver, spleen, body
 
-TINY_UNET = {"num_channels": [8, 16, 16], "attention_levels": [False, False, False], "num_head_channels": [0, 0, 8], "num_res_blocks": 1, "norm_num_groups": 8}  # attention only in the middle block, at 2k tokens
 TINY = {
     **MAISI_TINY_AUTOENCODER,  # the decode runs at the full 256x256x128 (CT) size
-    **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
-    **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
+    **MAISI_TINY_UNET,
+    **MAISI_TINY_CONTROLNET,
     "controlnet_def#conditioning_embedding_num_channels": [2, 4, 4],
     # pinned: with null the planner follows the RAM free at the start (whole-volume decode or halo tiles, whose
     # tile statistics change the values slightly), so reruns would not be comparable on a busy machine

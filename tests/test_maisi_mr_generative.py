@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, run_bundle, run_in_process
-from demo.maisi_presets import MAISI_TINY_AUTOENCODER
+from demo.maisi_presets import MAISI_TINY_AUTOENCODER, MAISI_TINY_CONTROLNET, MAISI_TINY_UNET
 
 BUNDLE = BUNDLES_DIR / "maisi_mr_generative"
 OUTPUT_SIZE = [128, 128, 128]
@@ -21,11 +21,10 @@ SPACING = [2.0, 2.0, 2.0]
 BRATS_IDS = (401, 402, 403)  # BraTS tumour sub-regions of the CT/MR label dictionary: above 255
 BRAIN = 22
 
-TINY_UNET = {"num_channels": [8, 16, 16], "attention_levels": [False, False, False], "num_head_channels": [0, 0, 8], "num_res_blocks": 1, "norm_num_groups": 8}
 TINY = {
     **MAISI_TINY_AUTOENCODER,  # the decode runs at the full output size
-    **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
-    **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
+    **MAISI_TINY_UNET,
+    **MAISI_TINY_CONTROLNET,
     "controlnet_def#conditioning_embedding_num_channels": [4, 4, 4],
     # pinned: with null the planner follows the RAM free at the start (whole-volume decode or halo tiles, whose
     # tile statistics change the values slightly), so reruns would not be comparable on a busy machine

@@ -13,7 +13,7 @@ from monai.engines import IterationEvents
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bundle_helpers import BUNDLES_DIR, bundle_scripts, parse_bundle_config, run_bundle
-from demo.maisi_presets import MAISI_TINY_AUTOENCODER
+from demo.maisi_presets import MAISI_TINY_AUTOENCODER, MAISI_TINY_CONTROLNET, MAISI_TINY_UNET
 
 BUNDLE = BUNDLES_DIR / "maisi_ct_generative"
 CONFIGS = ["inference.json", "train_controlnet.json"]
@@ -23,12 +23,10 @@ IMAGE_SHAPE = tuple(4 * s for s in LATENT_SHAPE)
 SPACING = [1.5, 1.5, 2.0]
 NEW_LABEL = 129  # a free id for a new class, as in the published kidney-tumour fine-tuning
 LUNG_TUMOR, LUNG_LOBE = 23, 28
-TINY_UNET = {"num_channels": [8, 16, 16], "attention_levels": [False, False, False], "num_head_channels": [0, 0, 8], "num_res_blocks": 1, "norm_num_groups": 8}
 TINY = {
     **MAISI_TINY_AUTOENCODER,  # only the generation at 256x256x128 decodes
-    **{f"diffusion_unet_def#{k}": v for k, v in TINY_UNET.items()},
-    **{f"controlnet_def#{k}": v for k, v in TINY_UNET.items()},
-    "controlnet_def#conditioning_embedding_num_channels": [8, 8, 8],
+    **MAISI_TINY_UNET,
+    **MAISI_TINY_CONTROLNET,
 }
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
